@@ -1,0 +1,101 @@
+"""Choosing a tf.distribute strategy, and the one collective the losses need.
+
+Every strategy is driven the same way (``strategy.run`` inside one
+``tf.function``), so the code that runs on one CPU is the code that runs on a
+TPU pod; only ``get_strategy`` knows the difference.
+"""
+
+import tensorflow as tf
+from absl import logging
+
+STRATEGIES = ("default", "mirrored", "multi_worker", "tpu", "auto")
+
+
+def _tpu_strategy(tpu):
+  """Connects to a TPU ("local" on a TPU VM, a name or a grpc:// address)."""
+  try:
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+    if tpu not in (None, "", "local"):
+      tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+  # The resolver fails in several ways off a TPU (no metadata server, no TPU
+  # devices, a bad address); each means the same thing to the user.
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(
+        f"--strategy=tpu: no TPU answered at --tpu={tpu!r} ({e}). On a TPU VM "
+        "pass --tpu=local; elsewhere pass the TPU's name, or choose "
+        "--strategy=auto to fall back to GPUs or the CPU.") from e
+  return tf.distribute.TPUStrategy(resolver)
+
+
+def get_strategy(name="auto", tpu=None):
+  """Returns the tf.distribute strategy called `name`.
+
+  Args:
+    name: one of "default" (one device, no distribution), "mirrored" (all
+      local GPUs, or the CPU), "multi_worker" (MultiWorkerMirroredStrategy;
+      the cluster comes from TF_CONFIG), "tpu" (TPUStrategy on `tpu`) or
+      "auto" (a TPU if one answers, else every local GPU, else the default).
+    tpu: the TPU to connect to for "tpu" and "auto": "local" on a TPU VM, a
+      TPU name, or a grpc:// address. None means "local".
+
+  Returns:
+    A tf.distribute.Strategy.
+
+  Raises:
+    ValueError: for an unknown name or an unreachable TPU, naming the flag.
+  """
+  if name not in STRATEGIES:
+    raise ValueError(f"--strategy={name!r} is not one of {', '.join(STRATEGIES)}.")
+  tpu = tpu or "local"
+  if name == "default":
+    return tf.distribute.get_strategy()
+  if name == "mirrored":
+    return tf.distribute.MirroredStrategy()
+  if name == "multi_worker":
+    return tf.distribute.MultiWorkerMirroredStrategy()
+  if name == "tpu":
+    return _tpu_strategy(tpu)
+  # auto
+  try:
+    strategy = _tpu_strategy(tpu)
+    logging.info("--strategy=auto: using the TPU at %s", tpu)
+    return strategy
+  except ValueError:
+    pass
+  gpus = tf.config.list_logical_devices("GPU")
+  if gpus:
+    logging.info("--strategy=auto: mirroring over %d GPU(s)", len(gpus))
+    return tf.distribute.MirroredStrategy([g.name for g in gpus])
+  logging.info("--strategy=auto: no TPU or GPU; using the default strategy")
+  return tf.distribute.get_strategy()
+
+
+def num_replicas():
+  """Replicas in sync in the current context (1 outside any strategy)."""
+  return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def replica_id():
+  """This replica's index as an int32 tensor (0 outside a replica context)."""
+  ctx = tf.distribute.get_replica_context()
+  if ctx is None:
+    return tf.constant(0, tf.int32)
+  return tf.cast(ctx.replica_id_in_sync_group, tf.int32)
+
+
+def cross_replica_concat(x):
+  """Concatenates `x` over all replicas along axis 0, in replica order.
+
+  Differentiable: the gradient that any replica sends to a gathered row is
+  summed over replicas and reaches the replica that produced the row, so a
+  loss computed on gathered negatives trains every replica's encoder as the
+  same loss on one device would.
+
+  Outside a replica context (in cross-replica context or with no strategy)
+  and with one replica, returns `x` unchanged.
+  """
+  ctx = tf.distribute.get_replica_context()
+  if ctx is None or ctx.num_replicas_in_sync == 1:
+    return x
+  return ctx.all_gather(x, axis=0)
