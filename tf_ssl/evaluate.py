@@ -1,0 +1,99 @@
+"""Evaluation of frozen features: weighted k-NN and a linear classifier.
+
+Both follow the protocol under which the Fashion-MNIST baselines of
+RECIPES.md were measured, so the numbers are comparable:
+- k-NN (Wu et al. 2018, as used by SimCLR re-implementations): cosine
+  similarity to every training feature, the k most similar vote for their
+  class with weight exp(similarity / T); k=200, T=0.1.
+- Linear: multinomial logistic regression on standardised features (mean and
+  std of the training features), trained full-batch to convergence.
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+def extract_features(embed_fn, batches, endpoint="features"):
+  """Runs `embed_fn` over eval batches and keeps the real (unpadded) rows.
+
+  Args:
+    embed_fn: images [B, H, W, 3] in [0, 1] -> dict of endpoints (a backbone
+      or a ContrastiveModel called with training=False).
+    batches: an iterable of {"image", "label", "mask"} batches (the padded
+      eval batches of tf_ssl.data), each example appearing exactly once with
+      mask 1.
+    endpoint: which endpoint to keep.
+
+  Returns:
+    (features float32 [N, D], labels int64 [N]) as NumPy arrays.
+  """
+  embed = tf.function(lambda images: embed_fn(images, training=False)[endpoint])
+  features, labels = [], []
+  for batch in batches:
+    keep = np.asarray(batch["mask"]) > 0
+    out = tf.cast(embed(batch["image"]), tf.float32).numpy()
+    features.append(out.reshape(out.shape[0], -1)[keep])
+    labels.append(np.asarray(batch["label"])[keep])
+  if not features:
+    raise ValueError("extract_features got no batches: is the eval split empty?")
+  return np.concatenate(features), np.concatenate(labels)
+
+
+def knn_predict(train_features, train_labels, test_features, num_classes, k=200,
+                temperature=0.1, chunk_size=1024):
+  """Weighted k-NN class predictions for each test feature (cosine similarity)."""
+  if k < 1:
+    raise ValueError(f"k={k} must be >= 1.")
+  k = min(k, len(train_features))
+  train = tf.math.l2_normalize(tf.constant(train_features, tf.float32), axis=1)
+  labels = tf.one_hot(tf.constant(train_labels, tf.int64), num_classes)
+  predictions = []
+  for start in range(0, len(test_features), chunk_size):
+    test = tf.math.l2_normalize(
+        tf.constant(test_features[start:start + chunk_size], tf.float32), axis=1)
+    similarity, index = tf.math.top_k(tf.matmul(test, train, transpose_b=True), k=k)
+    weights = tf.exp(similarity / temperature)
+    votes = tf.einsum("nk,nkc->nc", weights, tf.gather(labels, index))
+    predictions.append(tf.argmax(votes, axis=1).numpy())
+  return np.concatenate(predictions)
+
+
+def knn_accuracy(train_features, train_labels, test_features, test_labels,
+                 num_classes, k=200, temperature=0.1):
+  """Top-1 accuracy of `knn_predict` on the test set."""
+  predicted = knn_predict(train_features, train_labels, test_features, num_classes,
+                          k=k, temperature=temperature)
+  return float(np.mean(predicted == np.asarray(test_labels)))
+
+
+def linear_accuracy(train_features, train_labels, test_features, test_labels,
+                    num_classes, l2=1e-4, steps=1000, learning_rate=0.05):
+  """Top-1 test accuracy of logistic regression on standardised features.
+
+  Full-batch Adam on the mean cross-entropy plus `l2` times the squared
+  weight norm (no penalty on the bias). Features are standardised with the
+  training mean and std; constant features are left at zero.
+  """
+  train = np.asarray(train_features, np.float32)
+  mean, std = train.mean(0), train.std(0)
+  std[std == 0] = 1.0
+  x = tf.constant((train - mean) / std)
+  x_test = tf.constant((np.asarray(test_features, np.float32) - mean) / std)
+  y = tf.constant(train_labels, tf.int64)
+  w = tf.Variable(tf.zeros((x.shape[1], num_classes)))
+  b = tf.Variable(tf.zeros((num_classes,)))
+  optimizer = keras.optimizers.Adam(learning_rate)
+
+  @tf.function
+  def step():
+    with tf.GradientTape() as tape:
+      logits = tf.matmul(x, w) + b
+      loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
+      loss += l2 * tf.reduce_sum(tf.square(w))
+    optimizer.apply_gradients(zip(tape.gradient(loss, [w, b]), [w, b]))
+
+  for _ in range(steps):
+    step()
+  predicted = tf.argmax(tf.matmul(x_test, w) + b, axis=1).numpy()
+  return float(np.mean(predicted == np.asarray(test_labels)))
