@@ -1,0 +1,69 @@
+"""Deterministic label subsets for semi-supervised work (1%, 10%, k per class).
+
+The subset is a pure function of the source's labels (in record order) and
+the seed, so every worker that computes it gets the same examples.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from tf_ssl.data import sources
+
+
+def label_subset(source, fraction=None, per_class=None, seed=0):
+  """Returns a Source with a class-balanced, seeded subset of `source`.
+
+  Exactly one of `fraction` and `per_class` must be given. Selection is
+  stratified: from each class, round(fraction * class size) examples (at
+  least 1), or `per_class` examples (all of them when the class is smaller),
+  drawn with NumPy's default_rng(seed). Unlabelled examples (-1) are never
+  chosen. Indices are kept in record order.
+
+  Args:
+    source: a labelled Source.
+    fraction: in (0, 1], e.g. 0.01 or 0.1.
+    per_class: examples per class, e.g. 10.
+    seed: the subset's seed; equal seeds give equal subsets everywhere.
+
+  Returns:
+    A Source whose num_classes is the source's.
+  """
+  if (fraction is None) == (per_class is None):
+    raise ValueError("label_subset: pass exactly one of fraction (e.g. 0.01) "
+                     "and per_class (e.g. 10).")
+  if fraction is not None and not 0 < fraction <= 1:
+    raise ValueError(f"label_subset: fraction={fraction} must be in (0, 1].")
+  if per_class is not None and per_class < 1:
+    raise ValueError(f"label_subset: per_class={per_class} must be >= 1.")
+  labels = source.labels()
+  classes = np.unique(labels[labels >= 0])
+  if classes.size == 0:
+    raise ValueError(f"label_subset: {source.name} has no labelled examples.")
+  rng = np.random.default_rng(seed)
+  chosen = []
+  for c in classes:
+    members = np.flatnonzero(labels == c)
+    k = per_class if per_class is not None else max(
+        1, int(round(fraction * members.size)))
+    chosen.append(rng.permutation(members)[:min(k, members.size)])
+  return source.take(np.sort(np.concatenate(chosen)))
+
+
+class IndexedSubset(sources.Source):
+  """Records at given indices of a source that cannot index directly
+  (tfds, TFRecords): reads the parent in order and keeps the chosen ones."""
+
+  def __init__(self, parent, indices):
+    indices = np.asarray(indices, np.int64)
+    super().__init__(f"{parent.name}[subset]", len(indices),
+                     parent.num_classes, parent.image_size, parent.encoded)
+    self.parent, self.indices = parent, indices
+    keep = np.zeros([parent.num_examples], bool)
+    keep[indices] = True
+    self._keep = keep
+
+  def records(self, input_context=None, exact_shards=False):
+    keep = tf.constant(self._keep)
+    ds = self.parent.records(None).enumerate()
+    ds = ds.filter(lambda i, r: tf.gather(keep, i)).map(lambda i, r: r)
+    return sources.shard(ds, input_context)
