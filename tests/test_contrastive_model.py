@@ -1,0 +1,120 @@
+"""ContrastiveModel.train_step: the same global batch gives the same update on
+1 and 4 replicas, for SimCLR and SupCon, with synchronized BN and LARS."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import mirrored
+from tf_ssl import optim
+from tf_ssl.models.contrastive import ContrastiveModel
+
+GLOBAL_BATCH = 8
+IMAGE = 8
+
+
+class TinyBackbone(keras.Model):
+  """Conv-BN-ReLU-pool: enough to exercise BN statistics across replicas."""
+
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    self.conv = keras.layers.Conv2D(8, 3, use_bias=False)
+    self.bn = keras.layers.BatchNormalization(synchronized=True, momentum=0.9)
+    self.pool = keras.layers.GlobalAveragePooling2D()
+
+  def call(self, images, training=False):
+    stem = tf.nn.relu(self.bn(self.conv(images), training=training))
+    return {"stem": stem, "features": self.pool(stem)}
+
+
+class TinyHead(keras.layers.Layer):
+
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    self.hidden = keras.layers.Dense(16, use_bias=False)
+    self.bn = keras.layers.BatchNormalization(synchronized=True)
+    self.out = keras.layers.Dense(8)
+
+  def call(self, features, training=False):
+    hidden = tf.nn.relu(self.bn(self.hidden(features), training=training))
+    return {"proj_0": features, "proj_1": hidden, "projection": self.out(hidden)}
+
+
+def _batch(num_views=2):
+  rng = np.random.default_rng(0)
+  views = rng.uniform(size=(GLOBAL_BATCH, num_views, IMAGE, IMAGE, 3)).astype("float32")
+  labels = np.array([0, 1, 2, 0, 1, -1, 2, -1], dtype="int64")
+  return views, labels
+
+
+def _build(method, initial_weights=None, **model_kwargs):
+  model = ContrastiveModel(TinyBackbone(), TinyHead(name="projection_head"),
+                           num_classes=3, method=method, temperature=0.5,
+                           **model_kwargs)
+  model(tf.zeros((2, IMAGE, IMAGE, 3)))
+  if initial_weights is not None:
+    model.set_weights(initial_weights)
+  model.compile(optimizer=optim.LARS(learning_rate=0.5, weight_decay=1e-4))
+  return model
+
+
+def _fit_one_step(strategy, method, initial_weights, num_views=2, **model_kwargs):
+  views, labels = _batch(num_views)
+  replicas = strategy.num_replicas_in_sync
+  per_replica = GLOBAL_BATCH // replicas
+
+  def dataset_fn(ctx):
+    ds = tf.data.Dataset.from_tensor_slices({"views": views, "label": labels})
+    return ds.batch(per_replica, drop_remainder=True)
+
+  with strategy.scope():
+    model = _build(method, initial_weights, **model_kwargs)
+  data = strategy.distribute_datasets_from_function(dataset_fn)
+  history = model.fit(data, steps_per_epoch=1, epochs=1, verbose=0)
+  return model.get_weights(), history.history
+
+
+@pytest.mark.parametrize("method", ["simclr", "supcon"])
+def test_one_step_same_on_1_and_4_replicas(method):
+  initial = _build(method).get_weights()
+  w1, h1 = _fit_one_step(mirrored(1), method, initial)
+  w4, h4 = _fit_one_step(mirrored(4), method, initial)
+  moved = [not np.allclose(a, b) for a, b in zip(initial, w1)]
+  assert sum(moved) >= len(initial) // 2, "the step should change most weights"
+  for a, b in zip(w1, w4):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(h1["loss"], h4["loss"], rtol=1e-5)
+  np.testing.assert_allclose(h1["probe_acc"], h4["probe_acc"], rtol=1e-6)
+
+
+def test_unlabelled_batch_has_no_probe_loss():
+  views, _ = _batch()
+  model = _build("simclr")
+  out = model.train_step({"views": tf.constant(views),
+                          "label": tf.fill([GLOBAL_BATCH], tf.constant(-1, tf.int64))})
+  assert float(out["probe_loss"]) == 0.0
+
+
+def test_simclr_needs_two_views():
+  views, labels = _batch(num_views=3)
+  model = _build("simclr")
+  with pytest.raises(ValueError, match="2 views"):
+    model.train_step({"views": tf.constant(views), "label": tf.constant(labels)})
+
+
+def test_supcon_takes_more_views():
+  _, history = _fit_one_step(mirrored(1), "supcon", None, num_views=3)
+  assert np.isfinite(history["loss"][0])
+
+
+def test_endpoints_and_eval_step():
+  model = _build("simclr")
+  out = model(tf.zeros((3, IMAGE, IMAGE, 3)))
+  assert {"stem", "features", "proj_0", "proj_1", "projection", "probe_logits"} <= set(out)
+  logs = model.test_step({"image": tf.zeros((4, IMAGE, IMAGE, 3)),
+                          "label": tf.constant([0, 1, 2, 0], tf.int64),
+                          "mask": tf.constant([1.0, 1.0, 0.0, 0.0])})
+  # Zero-init probe: every logit ties, argmax is class 0; only the first
+  # two rows count and one of them is class 0.
+  assert float(logs["probe_acc"]) == pytest.approx(0.5)
