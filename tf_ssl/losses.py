@@ -1,0 +1,211 @@
+"""Contrastive losses with negatives drawn from every replica.
+
+Both losses take the LOCAL (per-replica) projections, gather them over all
+replicas with a differentiable all-gather, and return the mean over the local
+anchors. They never divide by the replica count: the train step does that in
+exactly one place (RECIPES.md, "NT-Xent"; the SimCLR reference does the same).
+Outside a replica context they are ordinary single-device losses.
+"""
+
+import tensorflow as tf
+
+from tf_ssl import distribute
+
+# Subtracted from a logit to drop it from a softmax. Finite (unlike -inf), so
+# masked rows and their gradients never produce NaN (0 * -inf).
+_MASK = 1e9
+
+
+def _normalized(x):
+  # Mixed precision hands us bfloat16; the softmax over thousands of logits
+  # needs float32. l2_normalize clamps the squared norm at 1e-12, so a zero
+  # vector maps to zero instead of NaN.
+  return tf.math.l2_normalize(tf.cast(x, tf.float32), axis=-1)
+
+
+def _check_temperature(temperature):
+  if not temperature > 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}.")
+
+
+def nt_xent(z1, z2, temperature):
+  """SimCLR's NT-Xent loss over the global batch of all replicas.
+
+  For the local row i with global index g = i + replica_id * B, the anchor
+  z1_i is scored against z2 of every example (the positive is z2_g) and z1 of
+  every other example; the z2 side is symmetric (RECIPES.md, "NT-Xent").
+
+  Convention: the loss is the mean cross-entropy over the 2B local anchors of
+  both directions, i.e. half of the reference's mean(CE(ab|aa) + CE(ba|bb)).
+  This makes `supcon` with distinct labels, two views and
+  base_temperature == temperature equal to it exactly.
+
+  Args:
+    z1: [B, D] projections of the first view on this replica (any float dtype;
+      they are cast to float32 and l2-normalised here).
+    z2: [B, D] projections of the second view, row-aligned with z1.
+    temperature: softmax temperature tau > 0 (0.1 ImageNet, 0.5 CIFAR).
+
+  Returns:
+    (loss, metrics): loss is a float32 scalar, the mean over this replica's
+    anchors (not divided by the replica count). metrics holds float32 scalars
+    without gradient: "contrast_acc", the top-1 accuracy of the positive among
+    the cross-view logits (z1 vs all z2 and z2 vs all z1, averaged), and
+    "contrast_entropy", the mean entropy of softmax(z1 . z2_all / tau).
+  """
+  _check_temperature(temperature)
+  z1, z2 = tf.convert_to_tensor(z1), tf.convert_to_tensor(z2)
+  if z1.shape.rank != 2 or z1.shape != z2.shape:
+    raise ValueError(f"nt_xent needs z1, z2 of the same shape [B, D]; got "
+                     f"{z1.shape} and {z2.shape}.")
+  z1, z2 = _normalized(z1), _normalized(z2)
+  b = tf.shape(z1)[0]
+  # One gather of [B, 2D] instead of two of [B, D]: half the collectives.
+  both = distribute.cross_replica_concat(tf.concat([z1, z2], axis=1))
+  z1_all, z2_all = tf.split(both, 2, axis=1)
+  n = tf.shape(both)[0]
+  # Columns [0, N) are the z1 of every example, [N, 2N) the z2. One [2B, 2N]
+  # matmul replaces the reference's four [B, N] ones plus two concatenations;
+  # the order of columns inside a softmax is irrelevant, only the labels move.
+  # Dividing the [2B, D] anchors rather than the [2B, 2N] logits by tau saves
+  # a pass over (and a copy of) the largest tensor.
+  anchors = tf.concat([z1, z2], axis=0) / temperature
+  logits = tf.matmul(anchors, tf.concat([z1_all, z2_all], axis=0),
+                     transpose_b=True)
+  g = tf.range(b) + distribute.replica_id() * b
+  positive = tf.concat([g + n, g], axis=0)  # z1_i <-> z2_g, z2_i <-> z1_g
+  self_idx = tf.concat([g, g + n], axis=0)
+  rows = tf.range(2 * b)
+  # Drop each anchor's similarity with itself (always 1/tau) from its softmax.
+  logits = tf.tensor_scatter_nd_sub(
+      logits, tf.stack([rows, self_idx], axis=1),
+      tf.fill([2 * b], tf.constant(_MASK, tf.float32)))
+  loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+      labels=positive, logits=logits))
+
+  logits = tf.stop_gradient(logits)
+  # Cross-view blocks: rows z1 against columns z2_all, rows z2 against z1_all.
+  logits_ab, logits_ba = logits[:b, n:], logits[b:, :n]
+  hits = tf.concat([tf.argmax(logits_ab, axis=1, output_type=tf.int32),
+                    tf.argmax(logits_ba, axis=1, output_type=tf.int32)], 0)
+  acc = tf.reduce_mean(tf.cast(tf.equal(hits, tf.concat([g, g], 0)), tf.float32))
+  log_p = tf.nn.log_softmax(logits_ab, axis=1)
+  entropy = -tf.reduce_mean(tf.reduce_sum(tf.exp(log_p) * log_p, axis=1))
+  return loss, {"contrast_acc": acc, "contrast_entropy": entropy}
+
+
+def _masked_logsumexp(x, mask):
+  """logsumexp of x over axis 1 where mask is 1; about -1e9 on empty rows."""
+  return tf.reduce_logsumexp(x - _MASK * (1.0 - mask), axis=1)
+
+
+def supcon(features, labels, temperature, base_temperature=0.07,
+           contrast_mode="all", summation="outside", denominator="all"):
+  """Supervised Contrastive loss (Khosla et al. 2020) over all replicas.
+
+  Anchors are this replica's views; the contrast set is every view of every
+  example on every replica (features and labels are gathered). For an anchor
+  i, P(i) are the views with i's label other than i itself, A(i) all views
+  except i, and s_ia = z_i . z_a / temperature (RECIPES.md, "Supervised
+  Contrastive loss").
+
+  Per anchor, with log_prob(i, p) = s_ip - log(sum_{a in D(i, p)} exp(s_ia)):
+    summation="outside" (L_out, the paper's recommended Eq. 2):
+      -1/|P(i)| sum_{p in P(i)} log_prob(i, p)
+    summation="inside" (L_in, Eq. 3):
+      -log(1/|P(i)| sum_{p in P(i)} exp(log_prob(i, p)))
+  where the denominator set D(i, p) is
+    denominator="all": A(i), every other view, positives included;
+    denominator="negatives": p itself plus the views with a different label;
+      the other positives are left out (the TF reference's "one_positive"
+      mode; its "only_negatives", which drops p too, is not offered).
+  An anchor with no positive (possible with one view or contrast_mode "one"
+  and a label seen once) contributes 0. The loss is the mean over ALL local
+  anchors (those with no positive included, as in the PyTorch reference),
+  times temperature / base_temperature, and is not divided by the replica
+  count. With distinct labels, V=2, contrast_mode="all" and base_temperature
+  == temperature it equals `nt_xent(features[:, 0], features[:, 1], ...)`.
+
+  Args:
+    features: [B, V, D] local projections, V views per example (any float
+      dtype; cast to float32 and l2-normalised here).
+    labels: [B] integer class labels of this replica's examples.
+    temperature: softmax temperature tau > 0 (0.1 in the paper).
+    base_temperature: the loss is scaled by temperature / base_temperature
+      (0.07 in the PyTorch reference); pass temperature for no scaling.
+    contrast_mode: "all" (every local view is an anchor) or "one" (only view
+      0 is; all views stay in the contrast set).
+    summation: "outside" (L_out) or "inside" (L_in).
+    denominator: "all" or "negatives", as above.
+
+  Returns:
+    (loss, metrics): loss is a float32 scalar. metrics holds float32 scalars
+    without gradient: "contrast_acc", the fraction of anchors with a positive
+    whose most similar view in A(i) is a positive, and "contrast_entropy", the
+    mean entropy of the softmax over A(i).
+  """
+  _check_temperature(temperature)
+  if not base_temperature > 0:
+    raise ValueError(f"base_temperature must be > 0, got {base_temperature}.")
+  for name, value, allowed in (("contrast_mode", contrast_mode, ("all", "one")),
+                               ("summation", summation, ("outside", "inside")),
+                               ("denominator", denominator, ("all", "negatives"))):
+    if value not in allowed:
+      raise ValueError(f"supcon {name}={value!r}; choose one of {allowed}.")
+  features = tf.convert_to_tensor(features)
+  if features.shape.rank != 3:
+    raise ValueError(f"supcon needs features [B, V, D]; got {features.shape}. "
+                     "For one view per example, add an axis: x[:, None].")
+  features = _normalized(features)
+  labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
+  b, v, d = tf.unstack(tf.shape(features))
+  all_features = distribute.cross_replica_concat(features)
+  all_labels = distribute.cross_replica_concat(labels)
+  # Example-major contrast set: view j of global example m is row m * V + j,
+  # so this replica's views are the contiguous rows from replica_id * B * V.
+  contrast = tf.reshape(all_features, [-1, d])
+  contrast_labels = tf.repeat(all_labels, v)
+  first = distribute.replica_id() * b * v
+  if contrast_mode == "all":
+    anchors = tf.reshape(features, [-1, d])
+    anchor_idx = first + tf.range(b * v)
+    anchor_labels = tf.repeat(labels, v)
+  else:
+    anchors = features[:, 0]
+    anchor_idx = first + tf.range(b) * v
+    anchor_labels = labels
+
+  logits = tf.matmul(anchors / temperature, contrast, transpose_b=True)
+  self_mask = tf.one_hot(anchor_idx, tf.shape(contrast)[0], dtype=tf.float32)
+  same = tf.cast(tf.equal(anchor_labels[:, None], contrast_labels[None, :]),
+                 tf.float32)
+  positives = same - self_mask  # an anchor always shares its own label
+  num_pos = tf.reduce_sum(positives, axis=1)
+
+  log_denominator_all = _masked_logsumexp(logits, 1.0 - self_mask)[:, None]
+  if denominator == "all":
+    log_prob = logits - log_denominator_all
+  else:
+    # log(e^s / (e^s + e^L)) = -softplus(L - s), L = logsumexp of negatives.
+    log_negatives = _masked_logsumexp(logits, 1.0 - same)[:, None]
+    log_prob = -tf.nn.softplus(log_negatives - logits)
+  if summation == "outside":
+    per_anchor = -tf.math.divide_no_nan(
+        tf.reduce_sum(positives * log_prob, axis=1), num_pos)
+  else:
+    log_mean = (_masked_logsumexp(log_prob, positives)
+                - tf.math.log(tf.maximum(num_pos, 1.0)))
+    # tf.where passes a zero gradient to the unused branch, so the ~1e9 of an
+    # anchor without positives never reaches the loss or the gradients.
+    per_anchor = tf.where(num_pos > 0, -log_mean, tf.zeros_like(log_mean))
+  loss = (temperature / base_temperature) * tf.reduce_mean(per_anchor)
+
+  log_p = tf.stop_gradient(logits - log_denominator_all)
+  entropy = -tf.reduce_mean(tf.reduce_sum(
+      (1.0 - self_mask) * tf.exp(log_p) * log_p, axis=1))
+  best = tf.argmax(log_p - _MASK * self_mask, axis=1, output_type=tf.int32)
+  hit = tf.gather(positives, best, batch_dims=1)
+  has_pos = tf.cast(num_pos > 0, tf.float32)
+  acc = tf.math.divide_no_nan(tf.reduce_sum(hit * has_pos),
+                              tf.reduce_sum(has_pos))
+  return loss, {"contrast_acc": acc, "contrast_entropy": entropy}
