@@ -27,9 +27,10 @@ class StdConv2D(keras.layers.Conv2D):
 
   The standardisation happens in the public `convolution_op(inputs, kernel)`
   hook of Conv2D, so the layer inherits everything else (padding, strides,
-  serialisation) from Keras. The layer turns Keras' autocasting off so that
-  the kernel reaches `convolution_op` as float32 under mixed precision; it
-  casts inputs and the standardised kernel to the compute dtype itself.
+  serialisation) from Keras. Its kernel variable is created with
+  autocast=False (through the public `add_weight`), so under mixed precision
+  `convolution_op` receives it as float32, standardises in float32 and only
+  then casts the result to the compute dtype.
 
   Args:
     filters: number of output channels.
@@ -57,16 +58,19 @@ class StdConv2D(keras.layers.Conv2D):
     super().__init__(filters, kernel_size, strides=strides, padding=padding,
                      use_bias=False, **kwargs)
     self.ws_epsilon = ws_epsilon
-    # Without autocast the kernel variable reads as float32 in
-    # convolution_op, so its statistics are float32 (see module docstring).
-    self.autocast = False
+
+  def add_weight(self, *args, **kwargs):
+    # A layer-level autocast=False does not help: Keras still opens an
+    # autocast scope for a mixed-dtype layer called at the top level. A
+    # non-autocasting variable reads as float32 in every scope.
+    kwargs["autocast"] = False
+    return super().add_weight(*args, **kwargs)
 
   def convolution_op(self, inputs, kernel):
     kernel = ops.cast(kernel, "float32")
     mean, var = ops.moments(kernel, axes=[0, 1, 2], keepdims=True)
     kernel = (kernel - mean) / ops.sqrt(var + self.ws_epsilon)
-    return super().convolution_op(ops.cast(inputs, self.compute_dtype),
-                                  ops.cast(kernel, self.compute_dtype))
+    return super().convolution_op(inputs, ops.cast(kernel, inputs.dtype))
 
   def get_config(self):
     config = super().get_config()
