@@ -1,0 +1,135 @@
+"""SimCLR's photometric ops, vectorised over a batch with per-image parameters.
+
+Each op takes float32 images [N, H, W, 3] in [0, 1] and one parameter per
+image ([N]), and clips to [0, 1] after itself, as the SimCLR reference does
+after every jitter op (RECIPES.md). tests/test_data_augment.py checks each,
+for the same parameters, against the tf.image op applied to one image at a
+time, to within 2/255.
+
+Why not tf.image directly: its adjust_* ops take one scalar for the whole
+batch, and one map call per image costs more in op dispatch than the
+arithmetic at small sizes.
+"""
+
+import tensorflow as tf
+
+NUM_JITTER_OPS = 4  # brightness, contrast, saturation, hue
+
+
+def _per_image(v):
+  return tf.reshape(tf.cast(v, tf.float32), [-1, 1, 1, 1])
+
+
+def brightness(x, factor, version=2):
+  """SimCLR v2 multiplies by `factor`; v1 adds it (tf.image.adjust_brightness)."""
+  f = _per_image(factor)
+  return tf.clip_by_value(x * f if version == 2 else x + f, 0., 1.)
+
+
+def contrast(x, factor):
+  """tf.image.adjust_contrast: (x - mean) * factor + mean, mean per channel."""
+  mean = tf.reduce_mean(x, axis=[1, 2], keepdims=True)
+  return tf.clip_by_value((x - mean) * _per_image(factor) + mean, 0., 1.)
+
+
+def saturation(x, factor):
+  """tf.image.adjust_saturation without the HSV round trip.
+
+  In HSV, scaling S by f and clipping it to 1 keeps V = max(r, g, b) and the
+  hue, and moves every channel along its line to V:
+  c' = V - k (V - c) with k = min(f, V / (V - min(r, g, b))).
+  """
+  v = tf.reduce_max(x, axis=-1, keepdims=True)
+  chroma = v - tf.reduce_min(x, axis=-1, keepdims=True)
+  k = tf.minimum(_per_image(factor), v / tf.maximum(chroma, 1e-12))
+  return tf.clip_by_value(v - k * (v - x), 0., 1.)
+
+
+def hue(x, delta):
+  """tf.image.adjust_hue: rotates the hue by delta (a fraction of the circle)."""
+  hsv = tf.image.rgb_to_hsv(x)
+  h = tf.math.floormod(hsv[..., :1] + _per_image(delta), 1.)
+  return tf.clip_by_value(tf.image.hsv_to_rgb(tf.concat([h, hsv[..., 1:]], -1)),
+                          0., 1.)
+
+
+def grayscale(x):
+  """tf.image.rgb_to_grayscale, tiled back to three channels."""
+  return tf.tile(tf.image.rgb_to_grayscale(x), [1, 1, 1, 3])
+
+
+def gaussian_kernels(sigma, kernel_size):
+  """Normalised 1-D Gaussian taps [N, kernel_size], one row per sigma."""
+  radius = kernel_size // 2
+  t = tf.range(-radius, radius + 1, dtype=tf.float32)
+  s = tf.reshape(tf.cast(sigma, tf.float32), [-1, 1])
+  w = tf.exp(-tf.square(t)[None] / (2. * tf.square(s)))
+  return w / tf.reduce_sum(w, axis=1, keepdims=True)
+
+
+def gaussian_blur(x, sigma, kernel_size):
+  """Separable Gaussian blur with one sigma per image.
+
+  kernel_size is rounded up to odd (2 * (k // 2) + 1, as the SimCLR
+  reference). Borders are reflected rather than zero-padded, so blurred
+  images do not darken at the edges. The batch is folded into the channels
+  so one depthwise convolution blurs every image with its own kernel.
+  """
+  radius = kernel_size // 2
+  if radius == 0:
+    return x
+  shape = tf.shape(x)
+  n, h, w = shape[0], shape[1], shape[2]
+  taps = tf.repeat(tf.transpose(gaussian_kernels(sigma, kernel_size)), 3, axis=1)
+  y = tf.reshape(tf.transpose(x, [1, 2, 0, 3]), [1, h, w, n * 3])
+  y = tf.pad(y, [[0, 0], [radius, radius], [radius, radius], [0, 0]], "REFLECT")
+  y = tf.nn.depthwise_conv2d(y, taps[:, None, :, None], [1, 1, 1, 1], "VALID")
+  y = tf.nn.depthwise_conv2d(y, taps[None, :, :, None], [1, 1, 1, 1], "VALID")
+  return tf.transpose(tf.reshape(y, [h, w, n, 3]), [2, 0, 1, 3])
+
+
+def sample_jitter(seed, n, strength, version=2):
+  """Draws per-image jitter parameters for strength s (RECIPES.md).
+
+  Returns a dict of [N] tensors: brightness (v2: factor in
+  [max(0, 1-0.8s), 1+0.8s]; v1: additive delta in [-0.8s, 0.8s]), contrast
+  and saturation factors in [max(0, 1-0.8s), 1+0.8s], hue delta in
+  [-0.2s, 0.2s], and order [N, 4], a random permutation of the four ops.
+  """
+  seeds = tf.random.experimental.stateless_split(seed, 5)
+  lo, hi = max(0., 1. - 0.8 * strength), 1. + 0.8 * strength
+  u = lambda i, a, b: tf.random.stateless_uniform([n], seeds[i], a, b)
+  return {
+      "brightness": u(0, lo, hi) if version == 2 else u(0, -0.8 * strength,
+                                                        0.8 * strength),
+      "contrast": u(1, lo, hi),
+      "saturation": u(2, lo, hi),
+      "hue": u(3, -0.2 * strength, 0.2 * strength),
+      "order": tf.argsort(tf.random.stateless_uniform(
+          [n, NUM_JITTER_OPS], seeds[4]), axis=1, stable=True),
+  }
+
+
+def color_jitter(x, params, apply, version=2):
+  """Applies the four jitter ops in each image's own random order.
+
+  At each of the four positions the batch is partitioned by which op each
+  image runs there (images with apply=False run none), so every image pays
+  for exactly the four ops it gets; the parts are stitched back in order.
+  """
+  ops = [lambda a, p: brightness(a, p, version), contrast, saturation, hue]
+  names = ["brightness", "contrast", "saturation", "hue"]
+  n = tf.shape(x)[0]
+  ids = tf.range(n)
+  for position in range(NUM_JITTER_OPS):
+    which = tf.where(apply, params["order"][:, position], NUM_JITTER_OPS)
+    which = tf.cast(which, tf.int32)
+    parts = tf.dynamic_partition(x, which, NUM_JITTER_OPS + 1)
+    index_parts = tf.dynamic_partition(ids, which, NUM_JITTER_OPS + 1)
+    out = []
+    for j, (op, name) in enumerate(zip(ops, names)):
+      p = tf.dynamic_partition(params[name], which, NUM_JITTER_OPS + 1)[j]
+      out.append(op(parts[j], p))
+    out.append(parts[NUM_JITTER_OPS])
+    x = tf.dynamic_stitch(index_parts, out)
+  return x
