@@ -42,19 +42,22 @@ def build_backbone(name, num_classes=0, small_image_stem=False, **kwargs):
   Raises:
     ValueError: naming the bad value when `name` matches neither pattern.
   """
-  match = _RESNET.fullmatch(name)
-  if match:
-    return resnet.resnet(int(match.group(1)),
-                         width_multiplier=int(match.group(2) or 1),
-                         num_classes=num_classes, cifar_stem=small_image_stem,
-                         **kwargs)
-  match = _BIT.fullmatch(name)
-  if match:
-    width = float(match.group(2))
-    return bit.resnet_v2(int(match.group(1)),
-                         int(width) if width.is_integer() else width,
-                         num_classes=num_classes,
-                         small_image_stem=small_image_stem, **kwargs)
+  try:
+    match = _RESNET.fullmatch(name)
+    if match:
+      return resnet.resnet(int(match.group(1)),
+                           width_multiplier=int(match.group(2) or 1),
+                           num_classes=num_classes,
+                           cifar_stem=small_image_stem, **kwargs)
+    match = _BIT.fullmatch(name)
+    if match:
+      width = float(match.group(2))
+      return bit.resnet_v2(int(match.group(1)),
+                           int(width) if width.is_integer() else width,
+                           num_classes=num_classes,
+                           small_image_stem=small_image_stem, **kwargs)
+  except ValueError as e:  # a bad depth or width: name the flag value too.
+    raise ValueError(f"backbone {name!r}: {e}") from e
   raise ValueError(f"backbone {name!r} is not a known name; accepted: "
                    + "; ".join(BACKBONE_NAMES))
 

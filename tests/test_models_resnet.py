@@ -1,0 +1,119 @@
+"""BN ResNet v1.5: published parameter counts, zero-init residual BN, stems,
+synchronised BN across replicas, endpoints, mixed precision, the factory."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_ssl.models import build_backbone, resnet
+
+
+def n_params(model):
+  return sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+
+
+def test_parameter_counts_match_published():
+  # ResNet-50: 25.6M in He et al. (2016); torchvision's resnet50 (the same
+  # v1.5 architecture) reports exactly 25,557,032, resnet18 11,689,512.
+  assert n_params(resnet.resnet(50, num_classes=1000)) == 25_557_032
+  assert n_params(resnet.resnet(18, num_classes=1000)) == 11_689_512
+
+
+def test_last_bn_gamma_of_every_unit_is_zero_and_bn_settings():
+  model = resnet.resnet(18)
+  units = [u for block in model.blocks for u in block.units]
+  assert len(units) == 8
+  for unit in units:
+    gammas = [np.asarray(c.bn.gamma) for c in unit.convs]
+    assert not gammas[-1].any()
+    assert all((g == 1).all() for g in gammas[:-1])
+  bns = [l for l in model._flatten_layers() if isinstance(
+      l, keras.layers.BatchNormalization)]
+  assert bns and all(b.momentum == 0.9 and b.epsilon == 1e-5 for b in bns)
+  # Zero-init residual branches: at init every unit is relu(x + shortcut(x)).
+
+
+@pytest.mark.parametrize("cifar_stem,size,stem,final", [
+    (True, 32, 32, 4), (False, 64, 16, 2), (False, 40, 10, 2)])
+def test_endpoints_and_stems(cifar_stem, size, stem, final):
+  model = resnet.resnet(18, num_classes=10, cifar_stem=cifar_stem)
+  out = model(np.random.rand(2, size, size, 3).astype("float32"))
+  assert set(out) == {"stem", "block1", "block2", "block3", "block4",
+                      "features", "logits"}
+  assert out["stem"].shape == (2, stem, stem, 64)
+  assert out["block2"].shape == (2, stem // 2, stem // 2, 128)
+  assert out["block4"].shape == (2, final, final, 512)
+  assert out["features"].shape == (2, 512) == (2, model.feature_dim)
+  np.testing.assert_allclose(np.asarray(out["features"]),
+                             np.asarray(out["block4"]).mean(axis=(1, 2)),
+                             rtol=1e-5, atol=1e-6)
+  assert not np.asarray(out["logits"]).any()  # zero-init "head"
+  assert [v.path for v in model.head.variables] == ["resnet/head/kernel",
+                                                     "resnet/head/bias"]
+
+
+def test_bottleneck_widths():
+  model = resnet.resnet(50, cifar_stem=True)
+  out = model(np.random.rand(1, 8, 8, 3).astype("float32"))
+  assert out["block1"].shape[-1] == 256 and model.feature_dim == 2048
+  assert build_backbone("resnet18x2").feature_dim == 1024
+
+
+def _forward(model, x):
+  return model(x, training=True)["block4"]
+
+
+@pytest.mark.parametrize("sync_bn", [True, False])
+def test_sync_bn_matches_one_device_on_the_global_batch(strategy_2, sync_bn):
+  x = np.random.default_rng(0).random((8, 8, 8, 3)).astype("float32")
+  reference = resnet.resnet(18, cifar_stem=True)
+  with strategy_2.scope():
+    model = resnet.resnet(18, cifar_stem=True, sync_bn=sync_bn)
+  model.set_weights(reference.get_weights())
+  want = np.asarray(_forward(reference, x))
+
+  def shard(ctx):
+    return tf.split(x, 2)[ctx.replica_id_in_sync_group]
+
+  local = strategy_2.experimental_distribute_values_from_function(shard)
+  got = strategy_2.run(tf.function(lambda v: _forward(model, v)), args=(local,))
+  got = np.concatenate([np.asarray(g) for g in
+                        strategy_2.experimental_local_results(got)])
+  if sync_bn:  # batch statistics over both replicas = the global batch's
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  else:  # per-replica statistics: a different function of the batch
+    assert np.abs(got - want).max() > 1e-2
+
+
+def test_mixed_precision_forward_is_finite():
+  previous = keras.mixed_precision.global_policy()
+  keras.mixed_precision.set_global_policy("mixed_bfloat16")
+  try:
+    model = resnet.resnet(18, num_classes=3, cifar_stem=True)
+  finally:
+    keras.mixed_precision.set_global_policy(previous)
+  out = model(np.random.rand(2, 16, 16, 3).astype("float32"), training=True)
+  assert {v.dtype for v in model.variables} == {"float32"}
+  for name, t in out.items():
+    assert t.dtype == "bfloat16", name
+    assert np.isfinite(np.asarray(keras.ops.cast(t, "float32"))).all(), name
+
+
+def test_factory_names():
+  assert isinstance(build_backbone("resnet18"), resnet.ResNet)
+  m = build_backbone("bit_r26x1", num_classes=2, small_image_stem=True)
+  assert m.depth == 26 and m.width == 1 and m.small_image_stem
+  m = build_backbone("resnet34", small_image_stem=True, sync_bn=True)
+  assert m.cifar_stem and m.sync_bn and m.depth == 34
+  for bad in ("resnet19", "bit_r50", "vgg16", "ResNet50"):
+    with pytest.raises(ValueError, match=bad):
+      build_backbone(bad)
+
+
+def test_config_round_trip():
+  model = resnet.resnet(18, num_classes=5, cifar_stem=True,
+                        sync_bn=True, bn_momentum=0.99)
+  clone = resnet.ResNet.from_config(model.get_config())
+  assert clone.get_config() == model.get_config()
+  assert n_params(clone) == n_params(model)
