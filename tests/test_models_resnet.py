@@ -28,9 +28,11 @@ def test_last_bn_gamma_of_every_unit_is_zero_and_bn_settings():
     gammas = [np.asarray(c.bn.gamma) for c in unit.convs]
     assert not gammas[-1].any()
     assert all((g == 1).all() for g in gammas[:-1])
-  bns = [l for l in model._flatten_layers() if isinstance(
-      l, keras.layers.BatchNormalization)]
-  assert bns and all(b.momentum == 0.9 and b.epsilon == 1e-5 for b in bns)
+  bns = [model.stem.bn] + [c.bn for u in units for c in u.convs] + [
+      u.shortcut.bn for u in units if u.shortcut is not None]
+  assert len(bns) == 1 + 16 + 3
+  assert all(b.momentum == 0.9 and b.epsilon == 1e-5 and not b.synchronized
+             for b in bns)
   # Zero-init residual branches: at init every unit is relu(x + shortcut(x)).
 
 

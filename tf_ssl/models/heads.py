@@ -81,7 +81,7 @@ class ProjectionHead(keras.layers.Layer):
       has_bn = not last or self.version == 2
       dense = keras.layers.Dense(
           self.output_dim if last else (self.hidden_dim or width),
-          use_bias=not has_bn, name=f"dense_{i}")
+          use_bias=not has_bn, name=f"dense_{i}", dtype=self.dtype_policy)
       dense.build((None, width))
       width = dense.units
       bn = None
@@ -91,7 +91,7 @@ class ProjectionHead(keras.layers.Layer):
             synchronized=self.sync_bn,
             # v2's last BN has no beta: a shift right before l2-normalisation
             # moves every projection the same way and carries no information.
-            center=not last, name=f"batch_norm_{i}")
+            center=not last, name=f"batch_norm_{i}", dtype=self.dtype_policy)
         bn.build((None, width))
       self.dense_layers.append(dense)
       self.bn_layers.append(bn)
