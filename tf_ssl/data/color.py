@@ -78,6 +78,12 @@ def gaussian_blur(x, sigma, kernel_size):
   radius = kernel_size // 2
   if radius == 0:
     return x
+  return tf.cond(tf.shape(x)[0] > 0, lambda: _blur(x, sigma, kernel_size),
+                 lambda: x)
+
+
+def _blur(x, sigma, kernel_size):
+  radius = kernel_size // 2
   shape = tf.shape(x)
   n, h, w = shape[0], shape[1], shape[2]
   taps = tf.repeat(tf.transpose(gaussian_kernels(sigma, kernel_size)), 3, axis=1)

@@ -1,0 +1,136 @@
+"""Input throughput: tf_ssl's SimCLR pipeline against a reference-style one.
+
+    .venv/bin/python tools/bench_input.py [--seconds 20] [--batch 64]
+
+The reference is written the way the original SimCLR code builds views: one
+image per map call, full decode, sample_distorted_bounding_box crop, bicubic
+resize, flip, the four jitter ops in a shuffled order through tf.cond (p=0.8),
+grayscale (p=0.2) and, at 224 px, a per-image Gaussian blur (p=0.5). Both run
+on the same in-memory data: 375x500 photo-like JPEGs at 224 px, and 32x32
+uint8 arrays (no blur, strength 0.5). One image = two views. The last line is
+`speedup_224=<x> speedup_32=<y>`.
+"""
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # pylint: disable=g-import-not-at-top
+import tensorflow as tf
+
+from tf_ssl.data import augment, from_arrays, pipeline, sources
+
+
+def photo_like(rng, h=375, w=500):
+  """Smooth colour fields plus sensor-like noise (compresses like a photo)."""
+  small = rng.uniform(0, 255, (h // 25 + 1, w // 25 + 1, 3)).astype(np.float32)
+  img = tf.image.resize(small[None], (h, w), "bicubic")[0].numpy()
+  return np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
+
+
+class EncodedSource(sources.Source):
+  """JPEG bytes held in memory (what a tfds or TFRecord reader yields)."""
+
+  def __init__(self, jpegs):
+    super().__init__("jpegs", len(jpegs), None, None, True)
+    self.jpegs = jpegs
+
+  def records(self, input_context=None, exact_shards=False):
+    ds = tf.data.Dataset.from_tensor_slices(self.jpegs)
+    return ds.map(lambda e: {"encoded": e, "label": tf.constant(-1, tf.int64)})
+
+
+def _ref_blur(image, sigma, kernel_size):
+  radius = kernel_size // 2
+  t = tf.range(-radius, radius + 1, dtype=tf.float32)
+  k = tf.exp(-tf.square(t) / (2. * tf.square(sigma)))
+  k = tf.tile((k / tf.reduce_sum(k))[:, None, None, None], [1, 1, 3, 1])
+  x = image[None]
+  x = tf.nn.depthwise_conv2d(x, k, [1, 1, 1, 1], "SAME")
+  x = tf.nn.depthwise_conv2d(x, tf.transpose(k, [1, 0, 2, 3]), [1, 1, 1, 1], "SAME")
+  return x[0]
+
+
+def reference_view(image, size, s, blur):
+  """One view, as SimCLR's data_util builds it (one image at a time)."""
+  box = tf.image.sample_distorted_bounding_box(
+      tf.shape(image), tf.zeros([0, 0, 4]), min_object_covered=0.1,
+      aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0),
+      max_attempts=100, use_image_if_no_bounding_boxes=True)
+  x = tf.slice(image, box[0], box[1])
+  x = tf.image.resize(x, [size, size], "bicubic") / 255.
+  x = tf.clip_by_value(x, 0., 1.)
+  x = tf.image.random_flip_left_right(x)
+  lo, hi = max(0., 1 - 0.8 * s), 1 + 0.8 * s
+  ops = [lambda a: a * tf.random.uniform([], lo, hi),
+         lambda a: tf.image.random_contrast(a, lo, hi),
+         lambda a: tf.image.random_saturation(a, lo, hi),
+         lambda a: tf.image.random_hue(a, 0.2 * s)]
+
+  def jitter(a):
+    perm = tf.random.shuffle(tf.range(4))
+    for i in range(4):
+      a = tf.switch_case(perm[i], [lambda op=op: op(a) for op in ops])
+      a = tf.clip_by_value(a, 0., 1.)
+    return a
+  x = tf.cond(tf.random.uniform([]) < 0.8, lambda: jitter(x), lambda: x)
+  x = tf.cond(tf.random.uniform([]) < 0.2,
+              lambda: tf.tile(tf.image.rgb_to_grayscale(x), [1, 1, 3]), lambda: x)
+  if blur:
+    x = tf.cond(tf.random.uniform([]) < 0.5, lambda: _ref_blur(
+        x, tf.random.uniform([], 0.1, 2.0), size // 10), lambda: x)
+  return x
+
+
+def reference_dataset(ds, batch, size, s, blur, decode):
+  def fn(x):
+    image = tf.io.decode_jpeg(x, channels=3) if decode else x
+    return tf.stack([reference_view(image, size, s, blur) for _ in range(2)])
+  ds = ds.shuffle(1000).repeat().map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def images_per_second(ds, batch, seconds):
+  it = iter(ds)
+  for _ in range(3):  # warm up: tracing, buffers
+    next(it)
+  n, start = 0, time.perf_counter()
+  while time.perf_counter() - start < seconds:
+    b = next(it)
+    n += batch
+  float(tf.reduce_sum(b["views"] if isinstance(b, dict) else b))
+  return n / (time.perf_counter() - start)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--seconds", type=float, default=20.)
+  parser.add_argument("--batch", type=int, default=64)
+  parser.add_argument("--n_jpegs", type=int, default=64)
+  args = parser.parse_args()
+  rng = np.random.default_rng(0)
+  jpegs = [tf.io.encode_jpeg(photo_like(rng), quality=90).numpy()
+           for _ in range(args.n_jpegs)]
+  arrays = rng.integers(0, 256, (5000, 32, 32, 3), np.uint8)
+  results = {}
+  for size, s, data in ((224, 1.0, "jpeg"), (32, 0.5, "arrays")):
+    blur = size >= 96
+    if data == "jpeg":
+      raw, source = tf.data.Dataset.from_tensor_slices(jpegs), EncodedSource(jpegs)
+    else:
+      raw, source = tf.data.Dataset.from_tensor_slices(arrays), from_arrays(arrays)
+    ref = reference_dataset(raw, args.batch, size, s, blur, data == "jpeg")
+    ours = pipeline.build_pretrain(source, args.batch, augment.SimCLRAugment(
+        size, s, version=2, blur=blur), shuffle_buffer=1000, cache=False)
+    r = images_per_second(ref, args.batch, args.seconds)
+    o = images_per_second(ours, args.batch, args.seconds)
+    results[size] = o / r
+    print(f"{size}px ({data}): reference {r:8.1f} img/s   tf_ssl {o:8.1f} img/s"
+          f"   ratio {o / r:.2f}", flush=True)
+  print(f"speedup_224={results[224]:.2f} speedup_32={results[32]:.2f}")
+
+
+if __name__ == "__main__":
+  main()
