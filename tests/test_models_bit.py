@@ -242,3 +242,13 @@ def test_bad_arguments():
     bit.resnet_v2(77, 1)
   with pytest.raises(ValueError, match="multiple of 32"):
     bit.resnet_v2(50, 0.25)
+
+
+def test_keras_save_and_load_round_trip(tiny, tmp_path):
+  x = np.random.default_rng(5).random((2, 8, 8, 3)).astype("float32")
+  tiny.save(tmp_path / "tiny.keras")
+  clone = keras.saving.load_model(tmp_path / "tiny.keras")
+  assert isinstance(clone, bit.ResNetV2)
+  assert [v.path for v in clone.variables] == [v.path for v in tiny.variables]
+  np.testing.assert_allclose(np.asarray(clone(x)["features"]),
+                             np.asarray(tiny(x)["features"]), atol=1e-6)

@@ -172,6 +172,7 @@ class _Head(keras.layers.Layer):
     return logits[:, 0, 0, :]
 
 
+@keras.saving.register_keras_serializable(package="tf_ssl")
 class ResNetV2(keras.Model):
   """BiT ResNet-v2 returning named endpoints.
 

@@ -14,6 +14,7 @@ BN_MOMENTUM = 0.9  # RECIPES.md, "SimCLR models".
 BN_EPSILON = 1e-5
 
 
+@keras.saving.register_keras_serializable(package="tf_ssl")
 class ProjectionHead(keras.layers.Layer):
   """SimCLR's MLP projection head g(h), returning every intermediate output.
 
@@ -118,6 +119,7 @@ class ProjectionHead(keras.layers.Layer):
     return config
 
 
+@keras.saving.register_keras_serializable(package="tf_ssl")
 class LinearHead(keras.layers.Dense):
   """A Dense classifier with zero-initialised kernel and bias.
 

@@ -18,6 +18,7 @@ GN_EPSILON = 1e-5
 WS_EPSILON = 1e-10
 
 
+@keras.saving.register_keras_serializable(package="tf_ssl")
 class StdConv2D(keras.layers.Conv2D):
   """Conv2D with Weight Standardisation: w' = (w - mean) / sqrt(var + eps).
 

@@ -119,6 +119,7 @@ class _Block(keras.layers.Layer):
     return x
 
 
+@keras.saving.register_keras_serializable(package="tf_ssl")
 class ResNet(keras.Model):
   """BN ResNet v1.5 returning named endpoints.
 
