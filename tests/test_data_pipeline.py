@@ -1,0 +1,108 @@
+"""Pipelines: per-replica batches, determinism, exact eval, bad input."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_ssl.data import augment, from_arrays, make_source, pipeline, skips
+
+
+def _source(n=24, size=8):
+  rng = np.random.default_rng(0)
+  return from_arrays(rng.integers(0, 256, (n, size, size, 3), np.uint8),
+                     np.arange(n) % 3)
+
+
+def _local(strategy, dist_batch):
+  return [t.numpy() for t in strategy.experimental_local_results(dist_batch)]
+
+
+def test_pretrain_per_replica_batches(strategy):
+  aug = augment.SimCLRAugment(8, 0.5)
+  ds = pipeline.pretrain_dataset(strategy, _source(), 8, aug, seed=1)
+  batch = next(iter(ds))
+  views = _local(strategy, batch["views"])
+  r = strategy.num_replicas_in_sync
+  assert len(views) == r and all(v.shape == (8 // r, 2, 8, 8, 3) for v in views)
+  assert all(v.dtype == np.float32 and 0 <= v.min() and v.max() <= 1 for v in views)
+  assert all(l.dtype == np.int64 for l in _local(strategy, batch["label"]))
+
+
+def test_batch_not_divisible(strategy_4):
+  with pytest.raises(ValueError, match="global batch size 6"):
+    pipeline.pretrain_dataset(strategy_4, _source(), 6, augment.SimCLRAugment(8))
+
+
+def test_seeded_is_deterministic_and_epochs_differ():
+  aug = augment.SimCLRAugment(8, 0.5)
+  take = lambda seed: [b["views"] for b in pipeline.build_pretrain(
+      _source(), 24, aug, seed=seed).take(2).as_numpy_iterator()]
+  a, b, c = take(3), take(3), take(4)
+  np.testing.assert_array_equal(a[0], b[0])
+  np.testing.assert_array_equal(a[1], b[1])
+  assert not np.array_equal(a[0], c[0])
+  assert not np.array_equal(np.sort(a[0].ravel()), np.sort(a[1].ravel()))
+
+
+def test_eval_every_example_once(strategy):
+  n = 23
+  src = _source(n)
+  ds = pipeline.eval_dataset(strategy, src, 8, 8)
+  seen, steps = [], 0
+  for batch in ds:
+    steps += 1
+    for img, mask in zip(_local(strategy, batch["image"]), _local(strategy, batch["mask"])):
+      seen += [tuple(np.round(i.ravel()[:6] * 255).astype(int)) for i in img[mask > 0]]
+  want = [tuple(x.ravel()[:6]) for x in src.images]
+  assert sorted(seen) == sorted(want)
+  r = strategy.num_replicas_in_sync
+  assert steps == pipeline.eval_steps(
+      src, 8 // r, tf.distribute.InputContext(1, 0, r))
+
+
+def test_finetune_and_mixup(strategy_2):
+  bit = augment.BiTAugment(8, 10)
+  batch = next(iter(pipeline.finetune_dataset(strategy_2, _source(), 4, bit, seed=0,
+                                              mixup_alpha=0.1)))
+  labels = _local(strategy_2, batch["label"])
+  assert labels[0].shape == (2, 3) and labels[0].dtype == np.float32
+  np.testing.assert_allclose(labels[0].sum(1), 1, atol=1e-6)
+
+
+def _write_folder(tmp_path):
+  rng = np.random.default_rng(0)
+  d = tmp_path / "cls"
+  d.mkdir()
+  for i in range(3):
+    tf.io.write_file(str(d / f"{i}.png"), tf.io.encode_png(
+        rng.integers(0, 256, (5, 6, 3), np.uint8)))  # smaller than the crop
+  good = tf.io.encode_jpeg(rng.integers(0, 256, (40, 40, 3), np.uint8)).numpy()
+  (d / "truncated.jpg").write_bytes(good[:len(good) // 3])
+  (d / "garbage.png").write_bytes(b"not a png at all")
+  return tmp_path
+
+
+def test_corrupt_files_skipped_counted_once_per_epoch(tmp_path):
+  src = make_source(f"folder:{_write_folder(tmp_path)}")
+  counter = skips.SkipCounter(src.name)
+  ds = pipeline.build_pretrain(src, 1, augment.SimCLRAugment(16), seed=0,
+                               counter=counter)
+  views = [b["views"] for b in ds.take(9).as_numpy_iterator()]  # 3 epochs
+  assert all(v.shape == (1, 2, 16, 16, 3) for v in views)     # 5x6 upscaled
+  assert counter.epochs[:2] == [(0, 2, 5), (0, 2, 5)]
+  ev = list(pipeline.build_eval(src, 4, 16).as_numpy_iterator())
+  assert sum(b["mask"].sum() for b in ev) == 3
+
+
+def test_label_outside_classes_names_source(tmp_path):
+  example = tf.train.Example(features=tf.train.Features(feature={
+      "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(
+          value=[tf.io.encode_png(tf.zeros([4, 4, 3], tf.uint8)).numpy()])),
+      "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(value=[5])),
+  }))
+  path = str(tmp_path / "bad.tfrecord")
+  with tf.io.TFRecordWriter(path) as w:
+    w.write(example.SerializeToString())
+  src = make_source(f"tfrecord:{path}", num_classes=2)
+  with pytest.raises(tf.errors.InvalidArgumentError, match="bad.tfrecord.*outside"):
+    next(iter(pipeline.build_pretrain(src, 1, augment.SimCLRAugment(8), seed=0)))
