@@ -204,3 +204,13 @@ def test_unbuilt_or_non_dict_model_is_refused():
   plain.build((None, 8, 8, 3))
   with pytest.raises(ValueError, match="not a dict"):
     export.build_export_module(plain)
+
+
+def test_tfsm_layer_helper_uses_both_endpoints(exports):
+  ref = np.load(exports["backbone"]["npz"])
+  layer = export.tfsm_layer(exports["backbone"]["path"])
+  images = ref["images/2x16"]
+  for mode in ("inference", "training"):
+    np.testing.assert_allclose(
+        layer(images, training=mode == "training")["features"].numpy(),
+        ref[f"{mode}/2x16/features"], rtol=1e-4, atol=1e-4)
