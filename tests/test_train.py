@@ -1,0 +1,100 @@
+"""The trainer end to end, in subprocesses: flag errors, a full tiny run,
+and resumption after SIGTERM and SIGKILL."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = [
+    "--backbone=resnet18", "--image_size=16", "--small_image_stem=true",
+    "--proj_hidden_dim=32", "--proj_dim=16", "--global_batch_size=8",
+    "--warmup_epochs=0", "--learning_rate=0.1", "--strategy=default",
+    "--knn_k=5", "--color_strength=0.5", "--blur=off", "--export=false",
+]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+  root = tmp_path_factory.mktemp("images")
+  rng = np.random.default_rng(0)
+  for label in range(2):
+    os.makedirs(root / f"class{label}")
+    for i in range(16):
+      pixels = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+      pixels[..., label] = 255  # a class signal: one saturated channel
+      Image.fromarray(pixels).save(root / f"class{label}" / f"{i}.png")
+  return str(root)
+
+
+def _command(workdir, folder, *extra):
+  return [sys.executable, "-m", "tf_ssl.train", f"--workdir={workdir}",
+          f"--dataset=folder:{folder}", *TINY, *extra]
+
+
+def _run(args, timeout=600):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--train_steps=-3"], "--train_steps=-3"),
+    (["--train_steps=4", "--train_epochs=1"], "exactly one of --train_steps"),
+    (["--train_steps=4", "--global_batch_size=0"], "--global_batch_size=0"),
+    (["--train_steps=4", "--method=byol"], "method"),
+    (["--train_steps=4", "--dataset=folder:/no/such/folder"], "/no/such/folder"),
+    (["--train_steps=4", "--backbone=vgg16"], "vgg16"),
+])
+def test_bad_flags_stop_with_a_message_naming_them(tmp_path, image_folder, extra, message):
+  result = _run(_command(tmp_path / "w", image_folder, *extra))
+  assert result.returncode != 0
+  assert message in result.stderr + result.stdout
+  assert not glob.glob(str(tmp_path / "w" / "checkpoints" / "ckpt-*")), "no work before the error"
+
+
+@pytest.mark.slow
+def test_tiny_run_writes_results_and_resumes_after_sigterm_and_sigkill(tmp_path, image_folder):
+  workdir = tmp_path / "run"
+  cmd = _command(workdir, image_folder, "--train_steps=12", "--checkpoint_every_steps=2")
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+
+  def start_and_interrupt(sig, at_least):
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+      if _steps(workdir) and max(_steps(workdir)) >= at_least:
+        break
+      time.sleep(0.2)
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+    return max(_steps(workdir))
+
+  after_term = start_and_interrupt(signal.SIGTERM, at_least=2)
+  assert after_term >= 2
+  after_kill = start_and_interrupt(signal.SIGKILL, at_least=after_term + 2)
+  assert after_kill >= after_term + 2, "the resumed run continued from the checkpoint"
+
+  result = _run(cmd)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert max(_steps(workdir)) == 12
+  results = json.loads((workdir / "results.json").read_text())
+  assert results["train_steps"] == 12
+  for key in ("knn_top1", "linear_top1", "wall_seconds"):
+    assert key in results
+  assert (workdir / "training_curves.png").exists()
+  assert "--train_steps=12" in (workdir / "flags.txt").read_text()
+
+
+def _steps(workdir):
+  return [int(p.rsplit("-", 1)[1].split(".")[0])
+          for p in glob.glob(str(workdir / "checkpoints" / "ckpt-*.index"))]

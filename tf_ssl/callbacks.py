@@ -1,0 +1,135 @@
+"""Keras callbacks of the run machinery: checkpoints that survive preemption,
+a guard against non-finite losses, throughput, and TensorBoard scalars."""
+
+import json
+import math
+import signal
+import time
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+
+class CheckpointAndPreemption(keras.callbacks.Callback):
+  """Saves every `every_steps` steps, at the end, and on SIGTERM.
+
+  SIGTERM (TPU VM maintenance, a scheduler's preemption) only sets a flag;
+  the checkpoint is written at the next step boundary, where the model and
+  optimizer state are consistent, and training stops. Rerunning the same
+  command restores the latest checkpoint.
+  """
+
+  def __init__(self, manager, step_variable, every_steps):
+    super().__init__()
+    self.manager = manager
+    self.step = step_variable
+    self.every_steps = every_steps
+    self.preempted = False
+    self._last_saved = None
+    self._previous_handler = None
+
+  def _on_sigterm(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM: saving a checkpoint at the next step boundary.")
+    self.preempted = True
+
+  def _save(self):
+    step = int(self.step.numpy())
+    if step != self._last_saved:
+      path = self.manager.save(checkpoint_number=step)
+      self._last_saved = step
+      logging.info("Saved checkpoint %s", path)
+
+  def on_train_begin(self, logs=None):
+    self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+    # The starting step is either 0 or a restored checkpoint: nothing to save.
+    self._last_saved = int(self.step.numpy())
+
+  def on_train_batch_end(self, batch, logs=None):
+    if self.preempted:
+      self._save()
+      self.model.stop_training = True
+    elif int(self.step.numpy()) - self._last_saved >= self.every_steps:
+      self._save()
+
+  def on_train_end(self, logs=None):
+    if self._previous_handler is not None:
+      signal.signal(signal.SIGTERM, self._previous_handler)
+    self._save()
+
+
+class NonFiniteGuard(keras.callbacks.Callback):
+  """Stops with an error naming the step when the loss or a gradient norm is
+  not finite. It raises before any later checkpoint is written, so the last
+  good checkpoint stays the latest one."""
+
+  def __init__(self, step_variable, keys=("loss", "grad_norm_per_replica")):
+    super().__init__()
+    self.step = step_variable
+    self.keys = keys
+
+  def on_train_batch_end(self, batch, logs=None):
+    for key in self.keys:
+      value = (logs or {}).get(key)
+      if value is not None and not math.isfinite(float(value)):
+        raise FloatingPointError(
+            f"{key} is {float(value)} at step {int(self.step.numpy())}. The last "
+            "good checkpoint is kept; lower --learning_rate or check the data.")
+
+
+class Throughput(keras.callbacks.Callback):
+  """Adds images/s (one image = all its views) to the logs the progress bar
+  and the summaries show, and writes scalars to TensorBoard."""
+
+  def __init__(self, global_batch_size, step_variable, learning_rate_fn,
+               writer=None, every_steps=50, history_path=None):
+    super().__init__()
+    self.global_batch_size = global_batch_size
+    self.step = step_variable
+    self.learning_rate_fn = learning_rate_fn
+    self.writer = writer
+    self.every_steps = every_steps
+    self.history_path = history_path
+    self._t0 = None
+    self._step0 = None
+    self._last_written = -1
+
+  def on_train_batch_begin(self, batch, logs=None):
+    if self._t0 is None:
+      self._t0, self._step0 = time.perf_counter(), int(self.step.numpy())
+
+  def on_train_batch_end(self, batch, logs=None):
+    step = int(self.step.numpy())
+    elapsed = time.perf_counter() - self._t0
+    if step > self._step0 and elapsed > 0:
+      logs["images_per_sec"] = (step - self._step0) * self.global_batch_size / elapsed
+    if step // self.every_steps > self._last_written // self.every_steps:
+      self._last_written = step
+      self._t0, self._step0 = time.perf_counter(), step
+      self.write(step, logs)
+
+  def write(self, step, logs):
+    scalars = {k: float(v) for k, v in (logs or {}).items()}
+    scalars["learning_rate"] = float(self.learning_rate_fn(step))
+    if self.writer is not None:
+      with self.writer.as_default(step=step):
+        for name, value in scalars.items():
+          tf.summary.scalar(name, value)
+      self.writer.flush()
+    if self.history_path:
+      with tf.io.gfile.GFile(self.history_path, "a") as f:
+        f.write(json.dumps(dict(scalars, step=step)) + "\n")
+
+
+class StopAtStep(keras.callbacks.Callback):
+  """Ends training at exactly `last_step`, whatever epoch a resumed run is in."""
+
+  def __init__(self, step_variable, last_step):
+    super().__init__()
+    self.step = step_variable
+    self.last_step = last_step
+
+  def on_train_batch_end(self, batch, logs=None):
+    if int(self.step.numpy()) >= self.last_step:
+      self.model.stop_training = True

@@ -1,0 +1,216 @@
+"""Every command-line flag of tf_ssl, and their conversion to plain configs.
+
+The only module that reads FLAGS. Entry points call `pretrain_config()` once,
+after absl has parsed the command line; everything below them takes the
+resulting dataclasses. Validation happens here, before any work, and each
+error names the flag to change.
+"""
+
+import dataclasses
+from typing import Optional
+
+from absl import flags
+
+FLAGS = flags.FLAGS
+
+# Run and machine.
+flags.DEFINE_string("workdir", None, "Checkpoints, summaries, flags, results and export go here (local or gs://).")
+flags.DEFINE_enum("strategy", "auto", ["default", "mirrored", "multi_worker", "tpu", "auto"], "tf.distribute strategy.")
+flags.DEFINE_string("tpu", None, "TPU to use with --strategy=tpu|auto: 'local' on a TPU VM, a name or grpc:// address.")
+flags.DEFINE_integer("steps_per_execution", 1, "Train steps run inside one tf.function call.")
+flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA (measured slower on CPU; TPU always compiles).")
+flags.DEFINE_bool("mixed_precision", False, "bfloat16 compute with float32 variables and loss.")
+flags.DEFINE_integer("seed", 0, "Seed of initialisation, data order and augmentation.")
+flags.DEFINE_bool("deterministic", False, "Deterministic input pipeline (slower).")
+
+# Data.
+flags.DEFINE_string("dataset", "fashion_mnist", "fashion_mnist | tfds:<name> | folder:<path> | tfrecord:<glob>.")
+flags.DEFINE_string("data_dir", None, "tfds data_dir, or the folder holding the Fashion-MNIST IDX files.")
+flags.DEFINE_string("train_split", "train", "Split used for pretraining.")
+flags.DEFINE_string("eval_split", "test", "Labelled split used for k-NN and linear evaluation.")
+flags.DEFINE_integer("image_size", 32, "Side of the square training views in pixels.")
+flags.DEFINE_float("color_strength", 0.5, "Colour jitter strength s (1.0 ImageNet, 0.5 CIFAR).")
+flags.DEFINE_enum("blur", "auto", ["auto", "on", "off"], "Gaussian blur; auto = on at >= 96 px.")
+flags.DEFINE_float("crop_min_area", 0.08, "Lower bound of the random-resized-crop area fraction.")
+flags.DEFINE_integer("num_views", 2, "Views per image (SimCLR: 2; SupCon may use more).")
+flags.DEFINE_enum("cache", "auto", ["auto", "on", "off"], "Cache decoded images in memory; auto: small datasets only.")
+
+# Model.
+flags.DEFINE_string("backbone", "resnet18", "resnet18|34|50|101|152|200, optionally _x<width>; or bit_r<depth>x<width>.")
+flags.DEFINE_bool("small_image_stem", None, "3x3 stride-1 stem without max-pool; default: on when --image_size <= 32.")
+flags.DEFINE_bool("sync_bn", True, "Synchronise BatchNorm statistics across replicas.")
+flags.DEFINE_integer("proj_layers", 2, "Projection head layers (SimCLR v1: 2, v2: 3).")
+flags.DEFINE_integer("proj_hidden_dim", 2048, "Hidden width of the projection head.")
+flags.DEFINE_integer("proj_dim", 128, "Output width of the projection head.")
+
+# Method and optimisation.
+flags.DEFINE_enum("method", "simclr", ["simclr", "supcon"], "Pretraining objective.")
+flags.DEFINE_enum("simclr_version", "2", ["1", "2"], "1: additive brightness, 2: multiplicative (RECIPES.md).")
+flags.DEFINE_float("temperature", 0.1, "Contrastive softmax temperature.")
+flags.DEFINE_float("supcon_base_temperature", 0.07, "SupCon loss scale is temperature / base temperature.")
+flags.DEFINE_enum("supcon_contrast_mode", "all", ["all", "one"], "SupCon anchors: every view, or the first.")
+flags.DEFINE_enum("supcon_summation", "outside", ["outside", "inside"], "SupCon L_out or L_in.")
+flags.DEFINE_enum("supcon_denominator", "all", ["all", "negatives"], "SupCon denominator.")
+flags.DEFINE_integer("global_batch_size", 256, "Images per step over all replicas (each gives num_views views).")
+flags.DEFINE_integer("train_steps", None, "Training length in steps (exactly one of this and --train_epochs).")
+flags.DEFINE_float("train_epochs", None, "Training length in epochs of --train_split.")
+flags.DEFINE_float("warmup_epochs", 10, "Linear warmup length in epochs.")
+flags.DEFINE_enum("optimizer", "lars", ["lars", "sgd", "adamw"], "Optimiser.")
+flags.DEFINE_float("learning_rate", 0.3, "Base learning rate before --lr_scaling.")
+flags.DEFINE_enum("lr_scaling", "linear", ["linear", "sqrt", "none"], "linear: lr*B/256, sqrt: lr*sqrt(B).")
+flags.DEFINE_float("weight_decay", 1e-6, "Weight decay (inside LARS; decoupled for AdamW).")
+flags.DEFINE_float("momentum", 0.9, "Momentum of LARS and SGD.")
+
+# Checkpoints, evaluation, export.
+flags.DEFINE_integer("checkpoint_every_steps", 1000, "Save a checkpoint every this many steps.")
+flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept in --workdir.")
+flags.DEFINE_integer("eval_every_steps", 0, "k-NN evaluation every this many steps (0: at the end only).")
+flags.DEFINE_integer("knn_k", 200, "Neighbours of the k-NN evaluation.")
+flags.DEFINE_float("knn_temperature", 0.1, "Temperature of the weighted k-NN vote.")
+flags.DEFINE_bool("baselines", False, "Also evaluate raw pixels and the random-init encoder.")
+flags.DEFINE_bool("export", True, "Export a SavedModel to <workdir>/saved_model at the end.")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  workdir: str
+  strategy: str
+  tpu: Optional[str]
+  steps_per_execution: int
+  jit_compile: bool
+  mixed_precision: bool
+  seed: int
+  deterministic: bool
+  checkpoint_every_steps: int
+  keep_checkpoints: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  dataset: str
+  data_dir: Optional[str]
+  train_split: str
+  eval_split: str
+  image_size: int
+  color_strength: float
+  simclr_version: int
+  blur: Optional[bool]  # None: the recipe's default for the image size.
+  crop_min_area: float
+  num_views: int
+  cache: object  # True, False or "auto", as tf_ssl.data.pipeline takes it.
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  backbone: str
+  small_image_stem: bool
+  sync_bn: bool
+  proj_layers: int
+  proj_hidden_dim: int
+  proj_dim: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+  run: RunConfig
+  data: DataConfig
+  model: ModelConfig
+  method: str
+  temperature: float
+  supcon_options: dict
+  global_batch_size: int
+  train_steps: Optional[int]
+  train_epochs: Optional[float]
+  warmup_epochs: float
+  optimizer: str
+  learning_rate: float
+  lr_scaling: str
+  weight_decay: float
+  momentum: float
+  eval_every_steps: int
+  knn_k: int
+  knn_temperature: float
+  baselines: bool
+  export: bool
+
+
+def _check(condition, flag, message):
+  if not condition:
+    raise flags.ValidationError(f"--{flag}={getattr(FLAGS, flag)!r}: {message}")
+
+
+def _validate_common():
+  _check(FLAGS.workdir, "workdir", "give a directory for checkpoints and results.")
+  _check(FLAGS.steps_per_execution >= 1, "steps_per_execution", "must be >= 1.")
+  _check(FLAGS.checkpoint_every_steps >= 1, "checkpoint_every_steps", "must be >= 1.")
+  _check(FLAGS.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1.")
+  _check(FLAGS.global_batch_size >= 1, "global_batch_size", "must be >= 1.")
+  _check(FLAGS.image_size >= 8, "image_size", "must be >= 8 pixels.")
+  _check((FLAGS.train_steps is None) != (FLAGS.train_epochs is None), "train_steps",
+         f"give exactly one of --train_steps and --train_epochs (got --train_epochs="
+         f"{FLAGS.train_epochs!r}).")
+  if FLAGS.train_steps is not None:
+    _check(FLAGS.train_steps > 0, "train_steps", "must be positive.")
+  if FLAGS.train_epochs is not None:
+    _check(FLAGS.train_epochs > 0, "train_epochs", "must be positive.")
+  _check(FLAGS.learning_rate > 0, "learning_rate", "must be positive.")
+  _check(FLAGS.weight_decay >= 0, "weight_decay", "must be >= 0.")
+  _check(FLAGS.warmup_epochs >= 0, "warmup_epochs", "must be >= 0.")
+
+
+def _run_config():
+  return RunConfig(
+      workdir=FLAGS.workdir, strategy=FLAGS.strategy, tpu=FLAGS.tpu,
+      steps_per_execution=FLAGS.steps_per_execution, jit_compile=FLAGS.jit_compile,
+      mixed_precision=FLAGS.mixed_precision, seed=FLAGS.seed,
+      deterministic=FLAGS.deterministic,
+      checkpoint_every_steps=FLAGS.checkpoint_every_steps,
+      keep_checkpoints=FLAGS.keep_checkpoints)
+
+
+def pretrain_config():
+  """Validates the pretraining flags and returns a PretrainConfig."""
+  _validate_common()
+  _check(FLAGS.temperature > 0, "temperature", "must be positive.")
+  _check(0 < FLAGS.crop_min_area <= 1, "crop_min_area", "must be in (0, 1].")
+  _check(FLAGS.num_views >= 2, "num_views", "contrastive learning needs >= 2 views.")
+  _check(FLAGS.method == "supcon" or FLAGS.num_views == 2, "num_views",
+         "SimCLR's NT-Xent takes exactly 2 views; use --method=supcon for more.")
+  _check(FLAGS.proj_layers >= 1, "proj_layers", "must be >= 1.")
+  small_stem = FLAGS.small_image_stem
+  if small_stem is None:
+    small_stem = FLAGS.image_size <= 32
+  blur = {"auto": None, "on": True, "off": False}[FLAGS.blur]
+  supcon_options = {}
+  if FLAGS.method == "supcon":
+    supcon_options = dict(base_temperature=FLAGS.supcon_base_temperature,
+                          contrast_mode=FLAGS.supcon_contrast_mode,
+                          summation=FLAGS.supcon_summation,
+                          denominator=FLAGS.supcon_denominator)
+  return PretrainConfig(
+      run=_run_config(),
+      data=DataConfig(
+          dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
+          train_split=FLAGS.train_split, eval_split=FLAGS.eval_split,
+          image_size=FLAGS.image_size, color_strength=FLAGS.color_strength,
+          simclr_version=int(FLAGS.simclr_version), blur=blur,
+          crop_min_area=FLAGS.crop_min_area, num_views=FLAGS.num_views,
+          cache={"auto": "auto", "on": True, "off": False}[FLAGS.cache]),
+      model=ModelConfig(
+          backbone=FLAGS.backbone, small_image_stem=small_stem, sync_bn=FLAGS.sync_bn,
+          proj_layers=FLAGS.proj_layers, proj_hidden_dim=FLAGS.proj_hidden_dim,
+          proj_dim=FLAGS.proj_dim),
+      method=FLAGS.method, temperature=FLAGS.temperature,
+      supcon_options=supcon_options, global_batch_size=FLAGS.global_batch_size,
+      train_steps=FLAGS.train_steps, train_epochs=FLAGS.train_epochs,
+      warmup_epochs=FLAGS.warmup_epochs, optimizer=FLAGS.optimizer,
+      learning_rate=FLAGS.learning_rate, lr_scaling=FLAGS.lr_scaling,
+      weight_decay=FLAGS.weight_decay, momentum=FLAGS.momentum,
+      eval_every_steps=FLAGS.eval_every_steps, knn_k=FLAGS.knn_k,
+      knn_temperature=FLAGS.knn_temperature, baselines=FLAGS.baselines,
+      export=FLAGS.export)
+
+
+def flags_as_text():
+  """The resolved flags as a flagfile, so a run can be replayed."""
+  return FLAGS.flags_into_string()

@@ -1,0 +1,211 @@
+r"""Contrastive pretraining (SimCLR v1/v2, SupCon) on any tf.distribute strategy.
+
+    python -m tf_ssl.train --flagfile=configs/simclr_fashion_mnist.cfg \
+        --workdir=runs/simclr_fashion_mnist
+
+Resume order: the latest checkpoint in --workdir, else from scratch. Rerunning
+the same command after an interruption continues from that checkpoint with
+the same step, optimizer state and learning rate.
+"""
+
+import json
+import math
+import os
+import sys
+import time
+
+from absl import app
+from absl import logging
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_ssl import callbacks
+from tf_ssl import checkpoints
+from tf_ssl import distribute
+from tf_ssl import evaluate
+from tf_ssl import flags as tf_ssl_flags
+from tf_ssl import optim
+from tf_ssl import plots
+from tf_ssl.data import augment
+from tf_ssl.data import pipeline
+from tf_ssl.data import sources
+from tf_ssl.models import build_backbone
+from tf_ssl.models.contrastive import ContrastiveModel
+from tf_ssl.models.heads import ProjectionHead
+
+
+def build_model(config, num_classes):
+  """Backbone + projection head + online probe, as the config says."""
+  m = config.model
+  backbone_kwargs = {"sync_bn": m.sync_bn} if m.backbone.startswith("resnet") else {}
+  backbone = build_backbone(m.backbone, small_image_stem=m.small_image_stem,
+                            **backbone_kwargs)
+  head = ProjectionHead(hidden_dim=m.proj_hidden_dim, output_dim=m.proj_dim,
+                        num_layers=m.proj_layers,
+                        version=config.data.simclr_version, sync_bn=m.sync_bn)
+  model = ContrastiveModel(backbone, head, num_classes=num_classes or 0,
+                           method=config.method, temperature=config.temperature,
+                           supcon_options=config.supcon_options)
+  size = config.data.image_size
+  model(tf.zeros((1, size, size, 3)))
+  return model
+
+
+def build_optimizer(config, steps_per_epoch, total_steps):
+  """The optimizer and its learning-rate schedule (warmup, then cosine)."""
+  peak = config.learning_rate
+  if config.lr_scaling != "none":
+    peak = optim.scale_learning_rate(peak, config.global_batch_size, config.lr_scaling)
+  warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), total_steps)
+  schedule = optim.WarmupCosine(peak, warmup, total_steps)
+  if config.optimizer == "lars":
+    opt = optim.LARS(schedule, momentum=config.momentum, weight_decay=config.weight_decay)
+  elif config.optimizer == "sgd":
+    opt = keras.optimizers.SGD(schedule, momentum=config.momentum)
+  else:
+    opt = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
+    opt.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
+  return opt, schedule
+
+
+def evaluate_features(embed_fn, train_source, test_source, config, batch_size):
+  """k-NN and linear top-1 of `embed_fn`'s features on the labelled splits."""
+  size = config.data.image_size
+  train = evaluate.extract_features(
+      embed_fn, pipeline.build_eval(train_source, batch_size, size))
+  test = evaluate.extract_features(
+      embed_fn, pipeline.build_eval(test_source, batch_size, size))
+  classes = test_source.num_classes or int(max(train[1].max(), test[1].max()) + 1)
+  return {
+      "knn_top1": evaluate.knn_accuracy(*train, *test, classes, k=config.knn_k,
+                                        temperature=config.knn_temperature),
+      "linear_top1": evaluate.linear_accuracy(*train, *test, classes),
+  }
+
+
+def raw_pixels(images, training=False):
+  del training
+  return {"features": tf.reshape(images, [tf.shape(images)[0], -1])}
+
+
+def main(argv):
+  del argv
+  try:
+    config = tf_ssl_flags.pretrain_config()
+  except tf_ssl_flags.flags.ValidationError as e:
+    raise app.UsageError(str(e)) from None
+  run = config.run
+  t_start = time.time()
+  tf.io.gfile.makedirs(run.workdir)
+  with tf.io.gfile.GFile(os.path.join(run.workdir, "flags.txt"), "w") as f:
+    f.write(tf_ssl_flags.flags_as_text())
+  keras.utils.set_random_seed(run.seed)
+  if run.mixed_precision:
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+
+  # ---------------------------------------------------------------- strategy
+  strategy = distribute.get_strategy(run.strategy, run.tpu)
+  replicas = strategy.num_replicas_in_sync
+  if config.global_batch_size % replicas:
+    raise app.UsageError(
+        f"--global_batch_size={config.global_batch_size} is not divisible by the "
+        f"{replicas} replicas of --strategy={run.strategy}.")
+
+  # -------------------------------------------------------------------- input
+  d = config.data
+  train_source = sources.make_source(d.dataset, d.train_split, d.data_dir)
+  steps_per_epoch = train_source.num_examples // config.global_batch_size
+  if steps_per_epoch < 1:
+    raise app.UsageError(
+        f"--global_batch_size={config.global_batch_size} is larger than the "
+        f"{train_source.num_examples} examples of --train_split={d.train_split}.")
+  total_steps = config.train_steps or int(math.ceil(config.train_epochs * steps_per_epoch))
+  views = augment.SimCLRAugment(
+      d.image_size, color_strength=d.color_strength, version=d.simclr_version,
+      blur=d.blur, crop_area=(d.crop_min_area, 1.0), num_views=d.num_views)
+  train_data = pipeline.pretrain_dataset(
+      strategy, train_source, config.global_batch_size, views,
+      seed=run.seed if run.deterministic else None, cache=d.cache)
+
+  # ------------------------------------------------------- model + optimizer
+  with strategy.scope():
+    model = build_model(config, train_source.num_classes)
+    optimizer, schedule = build_optimizer(config, steps_per_epoch, total_steps)
+    model.compile(optimizer=optimizer, steps_per_execution=run.steps_per_execution,
+                  jit_compile=run.jit_compile)
+    optimizer.build(model.trainable_variables)
+  logging.info("%s: %s parameters, %d replicas, %d steps (%.2f epochs)",
+               config.model.backbone, f"{model.count_params():,}", replicas,
+               total_steps, total_steps / steps_per_epoch)
+
+  # ---------------------------------------------------- checkpoint and resume
+  # make_checkpoint files every variable by its Keras path: a plain
+  # tf.train.Checkpoint(model=...) misses layers Keras 3 keeps in lists.
+  checkpoint = checkpoints.make_checkpoint(model, optimizer)
+  manager = tf.train.CheckpointManager(
+      checkpoint, os.path.join(run.workdir, "checkpoints"),
+      max_to_keep=run.keep_checkpoints)
+  if manager.latest_checkpoint:
+    checkpoint.read(manager.latest_checkpoint).assert_existing_objects_matched()
+    logging.info("Resumed from %s", manager.latest_checkpoint)
+  start_step = int(optimizer.iterations.numpy())
+
+  # -------------------------------------------------------------------- train
+  writer = tf.summary.create_file_writer(os.path.join(run.workdir, "summaries"))
+  saver = callbacks.CheckpointAndPreemption(manager, optimizer.iterations,
+                                            run.checkpoint_every_steps)
+  history_path = os.path.join(run.workdir, "history.jsonl")
+  fit_callbacks = [
+      callbacks.NonFiniteGuard(optimizer.iterations),
+      callbacks.StopAtStep(optimizer.iterations, total_steps),
+      saver,
+      callbacks.Throughput(config.global_batch_size, optimizer.iterations, schedule,
+                           writer=writer, every_steps=max(1, min(50, total_steps // 20)),
+                           history_path=history_path),
+  ]
+  remaining = total_steps - start_step
+  if remaining > 0:
+    chunk = min(steps_per_epoch, total_steps)
+    model.fit(train_data, steps_per_epoch=chunk,
+              initial_epoch=start_step // chunk,
+              epochs=start_step // chunk + int(math.ceil(remaining / chunk)),
+              callbacks=fit_callbacks, verbose=1 if sys.stdout.isatty() else 2)
+  if saver.preempted:
+    logging.warning("Preempted at step %d; rerun the same command to resume.",
+                    int(optimizer.iterations.numpy()))
+    return
+  train_seconds = time.time() - t_start
+
+  # --------------------------------------------------------------- evaluation
+  eval_batch = max(256, config.global_batch_size)
+  labelled_train = sources.make_source(d.dataset, d.train_split, d.data_dir)
+  test_source = sources.make_source(d.dataset, d.eval_split, d.data_dir)
+  results = evaluate_features(model.backbone, labelled_train, test_source, config,
+                              eval_batch)
+  if config.baselines:
+    for prefix, embed in (("raw_pixel_", raw_pixels),
+                          ("random_init_", build_model(config, 0).backbone)):
+      for key, value in evaluate_features(embed, labelled_train, test_source,
+                                          config, eval_batch).items():
+        results[prefix + key] = value
+  results.update(train_steps=int(optimizer.iterations.numpy()),
+                 wall_seconds=round(time.time() - t_start, 1),
+                 train_seconds=round(train_seconds, 1))
+  with writer.as_default(step=int(optimizer.iterations.numpy())):
+    for key, value in results.items():
+      if key.endswith("top1"):
+        tf.summary.scalar("eval/" + key, value)
+  with tf.io.gfile.GFile(os.path.join(run.workdir, "results.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  plots.training_curves(history_path, os.path.join(run.workdir, "training_curves.png"))
+  print(json.dumps(results, indent=2))
+
+  # ------------------------------------------------------------------- export
+  if config.export:
+    from tf_ssl import export  # pylint: disable=g-import-not-at-top
+    export.export_saved_model(model, os.path.join(run.workdir, "saved_model"))
+
+
+if __name__ == "__main__":
+  app.run(main)
