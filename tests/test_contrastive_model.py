@@ -118,3 +118,33 @@ def test_endpoints_and_eval_step():
   # Zero-init probe: every logit ties, argmax is class 0; only the first
   # two rows count and one of them is class 0.
   assert float(logs["probe_acc"]) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("options", [
+    dict(steps_per_execution=2),
+    dict(jit_compile=True),
+    dict(mixed_precision=True),
+], ids=["steps_per_execution", "jit_compile", "mixed_bfloat16"])
+def test_fit_options(options):
+  mixed = options.pop("mixed_precision", False)
+  views, labels = _batch()
+  data = tf.data.Dataset.from_tensor_slices({"views": views, "label": labels}).batch(
+      4, drop_remainder=True).repeat()
+  previous = keras.mixed_precision.global_policy()
+  if mixed:
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+  try:
+    model = ContrastiveModel(TinyBackbone(), TinyHead(name="projection_head"),
+                             num_classes=3, temperature=0.5)
+    model(tf.zeros((2, IMAGE, IMAGE, 3)))
+    before = [w.copy() for w in model.get_weights()]
+    model.compile(optimizer=optim.LARS(learning_rate=0.5), **options)
+    history = model.fit(data, steps_per_epoch=4, epochs=1, verbose=0)
+  finally:
+    keras.mixed_precision.set_global_policy(previous)
+  assert int(model.optimizer.iterations.numpy()) == 4
+  assert np.isfinite(history.history["loss"][0])
+  assert any(not np.allclose(a, b) for a, b in zip(before, model.get_weights()))
+  if mixed:
+    assert model.backbone.conv.kernel.dtype == "float32"
+    assert model(tf.zeros((1, IMAGE, IMAGE, 3)))["features"].dtype == tf.bfloat16
