@@ -24,32 +24,80 @@ from tf_ssl.data import color
 from tf_ssl.data import sources
 
 
-def sample_crop(seed, height, width, area_range=(0.08, 1.0),
-                aspect_range=(3 / 4, 4 / 3), attempts=10):
-  """Samples a random-resized-crop box (offset_y, offset_x, h, w), int32.
+def sample_crops(seed, n, height, width, area_range=(0.08, 1.0),
+                 aspect_range=(3 / 4, 4 / 3), attempts=10):
+  """Samples n random-resized-crop boxes [n, 4] (offset_y, offset_x, h, w).
 
   Area fraction is uniform in area_range and the aspect ratio (w / h)
   log-uniform in aspect_range (RECIPES.md). Of `attempts` candidates the
   first that fits is used; if none fits, the whole image (the fallback of
-  the reference's sample_distorted_bounding_box).
+  the reference's sample_distorted_bounding_box). Vectorised over the n
+  boxes, so a batch of views costs a handful of ops.
   """
   s = tf.random.experimental.stateless_split(seed, 4)
+  height = tf.cast(height, tf.int32)
+  width = tf.cast(width, tf.int32)
   h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
-  area = tf.random.stateless_uniform([attempts], s[0], *area_range) * h * w
+  area = tf.random.stateless_uniform([n, attempts], s[0], *area_range) * h * w
   log_r = tf.random.stateless_uniform(
-      [attempts], s[1], math.log(aspect_range[0]), math.log(aspect_range[1]))
+      [n, attempts], s[1], math.log(aspect_range[0]), math.log(aspect_range[1]))
   cw = tf.round(tf.sqrt(area * tf.exp(log_r)))
   ch = tf.round(tf.sqrt(area / tf.exp(log_r)))
   fits = (cw <= w) & (ch <= h) & (cw >= 1) & (ch >= 1)
-  first = tf.argmax(tf.cast(fits, tf.int32))
-  ok = tf.reduce_any(fits)
-  ch = tf.cast(tf.where(ok, ch[first], h), tf.int32)
-  cw = tf.cast(tf.where(ok, cw[first], w), tf.int32)
-  u = tf.random.stateless_uniform([2], s[2])
-  oy = tf.cast(u[0] * tf.cast(height - ch + 1, tf.float32), tf.int32)
-  ox = tf.cast(u[1] * tf.cast(width - cw + 1, tf.float32), tf.int32)
+  first = tf.argmax(tf.cast(fits, tf.int32), axis=1, output_type=tf.int32)
+  ok = tf.reduce_any(fits, axis=1)
+  pick = lambda c: tf.gather(c, first, axis=1, batch_dims=1)
+  ch = tf.cast(tf.where(ok, pick(ch), h), tf.int32)
+  cw = tf.cast(tf.where(ok, pick(cw), w), tf.int32)
+  u = tf.random.stateless_uniform([n, 2], s[2])
+  oy = tf.cast(u[:, 0] * tf.cast(height - ch + 1, tf.float32), tf.int32)
+  ox = tf.cast(u[:, 1] * tf.cast(width - cw + 1, tf.float32), tf.int32)
   return tf.stack([tf.minimum(oy, height - ch), tf.minimum(ox, width - cw),
-                   ch, cw])
+                   ch, cw], axis=1)
+
+
+def sample_crop(seed, height, width, area_range=(0.08, 1.0),
+                aspect_range=(3 / 4, 4 / 3), attempts=10):
+  """One random-resized-crop box (offset_y, offset_x, h, w), int32; see
+  sample_crops."""
+  return sample_crops(seed, 1, height, width, area_range, aspect_range,
+                      attempts)[0]
+
+
+def _lerp_taps(offset, length, size):
+  """Source indices and weights of tf.image.resize's bilinear (half-pixel
+  centres, clamped to the crop) for crops [offset, offset + length)."""
+  scale = tf.cast(length, tf.float32)[:, None] / size
+  src = (tf.range(size, dtype=tf.float32)[None] + 0.5) * scale - 0.5
+  floor = tf.floor(src)
+  lo = tf.maximum(tf.cast(floor, tf.int32), 0)
+  hi = tf.minimum(tf.cast(tf.math.ceil(src), tf.int32), length[:, None] - 1)
+  return offset[:, None] + lo, offset[:, None] + hi, src - floor
+
+
+def resize_boxes(images, boxes, box_indices, size):
+  """Bilinear resize of many integer crops of a batch, in a few ops.
+
+  images: uint8 [N, H, W, 3]; boxes: int32 [M, 4] (offset_y, offset_x, h,
+  w); box_indices: int32 [M]. Returns float32 [M, size, size, 3] in [0, 1],
+  what tf.image.resize(images[k, oy:oy+h, ox:ox+w], [size, size]) / 255
+  gives for each box (same taps, same clamping at the crop's edges), but as
+  two gathers and two lerps for the whole batch instead of a slice and a
+  resize per crop.
+  """
+  images = tf.convert_to_tensor(images)
+  shape = tf.shape(images)
+  rows = tf.reshape(images, [-1, shape[2], 3])
+  y_lo, y_hi, y_w = _lerp_taps(boxes[:, 0], boxes[:, 2], size)
+  x_lo, x_hi, x_w = _lerp_taps(boxes[:, 1], boxes[:, 3], size)
+  base = tf.cast(box_indices, tf.int32)[:, None] * shape[1]
+  top = tf.cast(tf.gather(rows, base + y_lo), tf.float32)
+  bottom = tf.cast(tf.gather(rows, base + y_hi), tf.float32)
+  x = top + (bottom - top) * y_w[:, :, None, None]  # [M, size, W, 3]
+  left = tf.gather(x, x_lo, axis=2, batch_dims=1)
+  right = tf.gather(x, x_hi, axis=2, batch_dims=1)
+  out = left + (right - left) * x_w[:, None, :, None]
+  return tf.clip_by_value(out / 255., 0., 1.)
 
 
 def _resize(image, size):
@@ -122,39 +170,88 @@ class SimCLRAugment:
 
   def crop_views(self, record, seed):
     """Per example: {"image"|"encoded"} -> float32 [V, S, S, 3] crops in [0, 1]."""
-    seeds = tf.random.experimental.stateless_split(seed, self.num_views)
-
     def boxes(h, w):
-      return tf.stack([sample_crop(seeds[v], h, w, self.crop_area)
-                       for v in range(self.num_views)])
+      return sample_crops(seed, self.num_views, h, w, self.crop_area)
     window, bxs = _window_and_boxes(record, boxes)
     return tf.stack([
         _resize(window[b[0]:b[0] + b[2], b[1]:b[1] + b[3]], self.image_size)
         for b in tf.unstack(bxs, self.num_views)])
 
+  def crop_batch(self, images, seed):
+    """Crops of a batch of same-size images: uint8 [B, H, W, 3] -> float32
+    [B, V, S, S, 3] in [0, 1], all B * V crops resized together by
+    resize_boxes (per-example slicing and resizing cost more than the pixels
+    at 32 px)."""
+    images = tf.convert_to_tensor(images)
+    shape = tf.shape(images)
+    n = shape[0] * self.num_views
+    boxes = sample_crops(seed, n, shape[1], shape[2], self.crop_area)
+    views = resize_boxes(images, boxes,
+                                  tf.range(n) // self.num_views, self.image_size)
+    return tf.reshape(views, [-1, self.num_views, self.image_size,
+                              self.image_size, 3])
+
   def distort(self, views, seed):
-    """Flip, jitter (p=0.8), grayscale (p=0.2), blur (p=0.5) on [..., S, S, 3]."""
+    """Flip, jitter (p=0.8), grayscale (p=0.2), blur (p=0.5) on [..., S, S, 3].
+
+    The random parameters are drawn here; the pixel work runs as one
+    XLA-compiled function (fused loops instead of one pass over memory per
+    op). Large views go one at a time with the tf.image ops picked by
+    switch_case (only the chosen op runs); small ones as a whole batch.
+    """
     shape = tf.shape(views)
     x = tf.reshape(views, [-1, self.image_size, self.image_size, 3])
     n = tf.shape(x)[0]
     s = tf.random.experimental.stateless_split(seed, 6)
     coin = lambda i, p: tf.random.stateless_uniform([n], s[i]) < p
-    x = tf.where(coin(0, 0.5)[:, None, None, None], tf.reverse(x, [2]), x)
+    flip, gray = coin(0, 0.5), coin(3, 0.2)
     params = color.sample_jitter(s[1], n, self.color_strength, self.version)
-    x = color.color_jitter(x, params, coin(2, 0.8), self.version)
-    x = tf.where(coin(3, 0.2)[:, None, None, None], color.grayscale(x), x)
-    if self.blur:
-      chosen = tf.where(coin(4, 0.5))
-      sigma = tf.random.stateless_uniform([n], s[5], 0.1, 2.0)
-      blurred = color.gaussian_blur(tf.gather_nd(x, chosen),
-                                    tf.gather_nd(sigma, chosen), self.blur_kernel)
-      x = tf.tensor_scatter_nd_update(x, chosen, blurred)
+    jitter = coin(2, 0.8)
+    blur = coin(4, 0.5) if self.blur else tf.zeros([n], tf.bool)
+    sigma = tf.random.stateless_uniform([n], s[5], 0.1, 2.0)
+    if self.batch_level:
+      x = _distort_batch(x, flip, params, jitter, gray, self.version)
+      if self.blur:
+        chosen = tf.where(blur)
+        blurred = color.gaussian_blur(tf.gather_nd(x, chosen),
+                                      tf.gather_nd(sigma, chosen), self.blur_kernel)
+        x = tf.tensor_scatter_nd_update(x, chosen, blurred)
+    else:
+      x = _distort_each(x, flip, params, jitter, gray, blur, sigma,
+                        self.version, self.blur_kernel)
     return tf.reshape(x, shape)
 
   def __call__(self, record, seed):
     """Both stages on one example: record -> float32 [V, S, S, 3]."""
     s = tf.random.experimental.stateless_split(seed, 2)
     return self.distort(self.crop_views(record, s[0]), s[1])
+
+
+@tf.function(jit_compile=True)
+def _distort_batch(x, flip, params, jitter, gray, version):
+  """Flip, jitter, grayscale on a batch [N, S, S, 3]; XLA, static shapes."""
+  x = tf.where(flip[:, None, None, None], tf.reverse(x, [2]), x)
+  x = color.color_jitter_dense(x, params, jitter, version)
+  return tf.where(gray[:, None, None, None], color.grayscale(x), x)
+
+
+@tf.function(jit_compile=True)
+def _distort_each(x, flip, params, jitter, gray, blur, sigma, version,
+                  kernel_size):
+  """Flip, jitter, grayscale, blur one view at a time (conditionals run only
+  the chosen ops); XLA."""
+  def one(args):
+    v, f, b, c, sa, h, o, j, g, bl, sg = args
+    v = tf.cond(f, lambda: tf.reverse(v, [1]), lambda: v)
+    v = tf.cond(j, lambda: color.jitter_one(v, b, c, sa, h, o, version),
+                lambda: v)
+    v = tf.cond(g, lambda: tf.tile(tf.image.rgb_to_grayscale(v), [1, 1, 3]),
+                lambda: v)
+    return tf.cond(bl, lambda: color.blur_one(v, sg, kernel_size), lambda: v)
+  elems = (x, flip, params["brightness"], params["contrast"],
+           params["saturation"], params["hue"],
+           tf.cast(params["order"], tf.int32), jitter, gray, blur, sigma)
+  return tf.map_fn(one, elems, fn_output_signature=x.dtype)
 
 
 def eval_view(record, image_size, crop_proportion=0.875):

@@ -46,11 +46,26 @@ def saturation(x, factor):
 
 
 def hue(x, delta):
-  """tf.image.adjust_hue: rotates the hue by delta (a fraction of the circle)."""
-  hsv = tf.image.rgb_to_hsv(x)
-  h = tf.math.floormod(hsv[..., :1] + _per_image(delta), 1.)
-  return tf.clip_by_value(tf.image.hsv_to_rgb(tf.concat([h, hsv[..., 1:]], -1)),
-                          0., 1.)
+  """tf.image.adjust_hue: rotates the hue by delta (a fraction of the circle).
+
+  Computed in RGB without the HSV round trip (whose kernels are slow): V and
+  chroma C = V - min(r, g, b) are kept, the hue sector h in [0, 6) is shifted,
+  and each channel is V - C * clip(min(k, 4 - k), 0, 1) with
+  k = (n + h) mod 6, n = 5, 3, 1 for r, g, b (the standard HSV-to-RGB form).
+  Plain elementwise ops, so XLA fuses it into one loop.
+  """
+  v = tf.reduce_max(x, axis=-1, keepdims=True)
+  chroma = v - tf.reduce_min(x, axis=-1, keepdims=True)
+  r, g, b = x[..., 0:1], x[..., 1:2], x[..., 2:3]
+  safe = tf.maximum(chroma, 1e-12)
+  h = tf.where(tf.equal(v, r), (g - b) / safe,
+               tf.where(tf.equal(v, g), 2. + (b - r) / safe, 4. + (r - g) / safe))
+  h = h / 6. + _per_image(delta)
+  h = (h - tf.floor(h)) * 6.
+  k = tf.constant([5., 3., 1.]) + h
+  k = tf.where(k >= 6., k - 6., k)
+  out = v - chroma * tf.clip_by_value(tf.minimum(k, 4. - k), 0., 1.)
+  return tf.clip_by_value(out, 0., 1.)
 
 
 def grayscale(x):
@@ -139,3 +154,59 @@ def color_jitter(x, params, apply, version=2):
     out.append(parts[NUM_JITTER_OPS])
     x = tf.dynamic_stitch(index_parts, out)
   return x
+
+
+def color_jitter_dense(x, params, apply, version=2):
+  """color_jitter with static shapes, for XLA (same result).
+
+  At each position every op runs on the whole batch and each image keeps
+  the one its order picks. 4x the arithmetic of color_jitter, but with no
+  partitioning XLA fuses each position into one loop over the pixels, which
+  is much cheaper for small images than the partition/stitch bookkeeping.
+  """
+  ops = [lambda a, p: brightness(a, p, version), contrast, saturation, hue]
+  names = ["brightness", "contrast", "saturation", "hue"]
+  for position in range(NUM_JITTER_OPS):
+    which = tf.where(apply, tf.cast(params["order"][:, position], tf.int32),
+                     NUM_JITTER_OPS)[:, None, None, None]
+    out = x
+    for j, (op, name) in enumerate(zip(ops, names)):
+      out = tf.where(tf.equal(which, j), op(x, params[name]), out)
+    x = out
+  return x
+
+
+def jitter_one(image, brightness_p, contrast_p, saturation_p, hue_p, order,
+               version=2):
+  """The four jitter ops on one image [H, W, 3] in the given order, with the
+  tf.image ops themselves (fused kernels; XLA lowers them well) and a clip
+  after each, as the SimCLR reference."""
+  ops = [
+      lambda a: a * brightness_p if version == 2 else a + brightness_p,
+      lambda a: tf.image.adjust_contrast(a, contrast_p),
+      lambda a: tf.image.adjust_saturation(a, saturation_p),
+      lambda a: tf.image.adjust_hue(a, hue_p),
+  ]
+  for position in range(NUM_JITTER_OPS):
+    image = tf.switch_case(order[position],
+                           [lambda op=op, a=image: op(a) for op in ops])
+    image = tf.clip_by_value(image, 0., 1.)
+  return image
+
+
+def blur_one(image, sigma, kernel_size):
+  """gaussian_blur of one image [H, W, 3] as sums of shifted copies.
+
+  Same taps and reflected borders as gaussian_blur; elementwise ops only,
+  so under XLA both passes fuse into loops (XLA's depthwise convolution on
+  CPU is very slow).
+  """
+  radius = kernel_size // 2
+  if radius == 0:
+    return image
+  h, w = image.shape[0], image.shape[1]
+  taps = gaussian_kernels(tf.reshape(sigma, [1]), kernel_size)[0]
+  y = tf.pad(image, [[radius, radius], [0, 0], [0, 0]], "REFLECT")
+  y = tf.add_n([taps[t] * y[t:t + h] for t in range(kernel_size)])
+  y = tf.pad(y, [[0, 0], [radius, radius], [0, 0]], "REFLECT")
+  return tf.add_n([taps[t] * y[:, t:t + w] for t in range(kernel_size)])
