@@ -229,25 +229,31 @@ class SimCLRAugment:
 
 @tf.function(jit_compile=True)
 def _distort_batch(x, flip, params, jitter, gray, version):
-  """Flip, jitter, grayscale on a batch [N, S, S, 3]; XLA, static shapes."""
+  """Flip, jitter, grayscale on a batch [N, S, S, 3]; XLA, on planes."""
   x = tf.where(flip[:, None, None, None], tf.reverse(x, [2]), x)
-  x = color.color_jitter_dense(x, params, jitter, version)
-  return tf.where(gray[:, None, None, None], color.grayscale(x), x)
+  p = tf.transpose(x, [3, 0, 1, 2])
+  rgb = color.color_jitter_dense((p[0], p[1], p[2]), params, jitter, version)
+  grey = color.grayscale_planar(rgb)
+  g = gray[:, None, None]
+  return tf.stack([tf.where(g, grey, c) for c in rgb], axis=-1)
 
 
 @tf.function(jit_compile=True)
 def _distort_each(x, flip, params, jitter, gray, blur, sigma, version,
                   kernel_size):
   """Flip, jitter, grayscale, blur one view at a time (conditionals run only
-  the chosen ops); XLA."""
+  the chosen ops); XLA, on planes."""
   def one(args):
     v, f, b, c, sa, h, o, j, g, bl, sg = args
-    v = tf.cond(f, lambda: tf.reverse(v, [1]), lambda: v)
-    v = tf.cond(j, lambda: color.jitter_one(v, b, c, sa, h, o, version),
-                lambda: v)
-    v = tf.cond(g, lambda: tf.tile(tf.image.rgb_to_grayscale(v), [1, 1, 3]),
-                lambda: v)
-    return tf.cond(bl, lambda: color.blur_one(v, sg, kernel_size), lambda: v)
+    p = tf.transpose(tf.cond(f, lambda: tf.reverse(v, [1]), lambda: v), [2, 0, 1])
+    rgb = (p[0], p[1], p[2])
+    one_params = {"brightness": b, "contrast": c, "saturation": sa, "hue": h}
+    rgb = tf.cond(j, lambda: color.jitter_one(rgb, one_params, o, version),
+                  lambda: rgb)
+    rgb = tf.cond(g, lambda: (color.grayscale_planar(rgb),) * 3, lambda: rgb)
+    rgb = tf.cond(bl, lambda: color.blur_one(rgb, sg, kernel_size),
+                  lambda: rgb)
+    return tf.stack(rgb, axis=-1)
   elems = (x, flip, params["brightness"], params["contrast"],
            params["saturation"], params["hue"],
            tf.cast(params["order"], tf.int32), jitter, gray, blur, sigma)
