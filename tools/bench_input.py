@@ -1,17 +1,20 @@
 """Input throughput: tf_ssl's SimCLR pipeline against a reference-style one.
 
-    .venv/bin/python tools/bench_input.py [--seconds 20] [--batch 64]
+    .venv/bin/python tools/bench_input.py [--seconds 20] [--batch 64] [--rounds 2]
 
 The reference is written the way the original SimCLR code builds views: one
 image per map call, full decode, sample_distorted_bounding_box crop, bicubic
 resize, flip, the four jitter ops in a shuffled order through tf.cond (p=0.8),
 grayscale (p=0.2) and, at 224 px, a per-image Gaussian blur (p=0.5). Both run
 on the same in-memory data: 375x500 photo-like JPEGs at 224 px, and 32x32
-uint8 arrays (no blur, strength 0.5). One image = two views. The last line is
-`speedup_224=<x> speedup_32=<y>`.
+uint8 arrays (no blur, strength 0.5). One image = two views. Each pipeline is
+measured for --seconds in total, alternating with the other (fresh iterator
+each round), so load from other users of the machine hits both alike. The
+last line is `speedup_224=<x> speedup_32=<y>`.
 """
 
 import argparse
+import gc
 import os
 import time
 
@@ -93,15 +96,32 @@ def reference_dataset(ds, batch, size, s, blur, decode):
 
 
 def images_per_second(ds, batch, seconds):
+  """Images/s of one fresh iterator over `ds` for `seconds` (after warm-up)."""
   it = iter(ds)
-  for _ in range(3):  # warm up: tracing, buffers
+  for _ in range(3):  # warm up: tracing, XLA compiles, buffers
     next(it)
   n, start = 0, time.perf_counter()
   while time.perf_counter() - start < seconds:
     b = next(it)
     n += batch
   float(tf.reduce_sum(b["views"] if isinstance(b, dict) else b))
-  return n / (time.perf_counter() - start)
+  elapsed = time.perf_counter() - start
+  del it  # stop its background threads before the next measurement
+  gc.collect()
+  return n, elapsed
+
+
+def compare(ref, ours, batch, seconds, rounds):
+  """Alternates reference and ours (ABAB...) in `rounds` rounds of
+  seconds / rounds each, so a change in the load of the shared machine hits
+  both alike; returns their overall images/s."""
+  totals = {"ref": [0, 0.], "ours": [0, 0.]}
+  for _ in range(rounds):
+    for name, ds in (("ref", ref), ("ours", ours)):
+      n, t = images_per_second(ds, batch, seconds / rounds)
+      totals[name][0] += n
+      totals[name][1] += t
+  return tuple(n / t for n, t in (totals["ref"], totals["ours"]))
 
 
 def main():
@@ -109,6 +129,8 @@ def main():
   parser.add_argument("--seconds", type=float, default=20.)
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--n_jpegs", type=int, default=64)
+  parser.add_argument("--rounds", type=int, default=2,
+                      help="alternations of reference and ours per size")
   args = parser.parse_args()
   rng = np.random.default_rng(0)
   jpegs = [tf.io.encode_jpeg(photo_like(rng), quality=90).numpy()
@@ -124,8 +146,7 @@ def main():
     ref = reference_dataset(raw, args.batch, size, s, blur, data == "jpeg")
     ours = pipeline.build_pretrain(source, args.batch, augment.SimCLRAugment(
         size, s, version=2, blur=blur), shuffle_buffer=1000, cache=False)
-    r = images_per_second(ref, args.batch, args.seconds)
-    o = images_per_second(ours, args.batch, args.seconds)
+    r, o = compare(ref, ours, args.batch, args.seconds, args.rounds)
     results[size] = o / r
     print(f"{size}px ({data}): reference {r:8.1f} img/s   tf_ssl {o:8.1f} img/s"
           f"   ratio {o / r:.2f}", flush=True)
