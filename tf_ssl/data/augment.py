@@ -170,11 +170,16 @@ class SimCLRAugment:
 
   def crop_views(self, record, seed):
     """Per example: {"image"|"encoded"} -> float32 [V, S, S, 3] crops in [0, 1]."""
+    return tf.clip_by_value(self._crops_255(record, seed) / 255., 0., 1.)
+
+  def _crops_255(self, record, seed):
+    """crop_views before the scaling to [0, 1] (values in [0, 255])."""
     def boxes(h, w):
       return sample_crops(seed, self.num_views, h, w, self.crop_area)
     window, bxs = _window_and_boxes(record, boxes)
     return tf.stack([
-        _resize(window[b[0]:b[0] + b[2], b[1]:b[1] + b[3]], self.image_size)
+        tf.image.resize(window[b[0]:b[0] + b[2], b[1]:b[1] + b[3]],
+                        [self.image_size, self.image_size], method="bilinear")
         for b in tf.unstack(bxs, self.num_views)])
 
   def crop_batch(self, images, seed):
@@ -195,10 +200,14 @@ class SimCLRAugment:
     """Flip, jitter (p=0.8), grayscale (p=0.2), blur (p=0.5) on [..., S, S, 3].
 
     The random parameters are drawn here; the pixel work runs as one
-    XLA-compiled function (fused loops instead of one pass over memory per
-    op). Large views go one at a time with the tf.image ops picked by
-    switch_case (only the chosen op runs); small ones as a whole batch.
+    XLA-compiled function on colour planes (fused, vectorised loops instead
+    of one pass over memory per op). Large views (batch_level=False) go one
+    at a time, conditionals running only each view's chosen ops; small ones
+    as a whole batch with per-image selects.
     """
+    return self._distort(views, seed, 1.)
+
+  def _distort(self, views, seed, scale):
     shape = tf.shape(views)
     x = tf.reshape(views, [-1, self.image_size, self.image_size, 3])
     n = tf.shape(x)[0]
@@ -210,6 +219,7 @@ class SimCLRAugment:
     blur = coin(4, 0.5) if self.blur else tf.zeros([n], tf.bool)
     sigma = tf.random.stateless_uniform([n], s[5], 0.1, 2.0)
     if self.batch_level:
+      x = tf.clip_by_value(x * scale, 0., 1.) if scale != 1. else x
       x = _distort_batch(x, flip, params, jitter, gray, self.version)
       if self.blur:
         chosen = tf.where(blur)
@@ -218,13 +228,14 @@ class SimCLRAugment:
         x = tf.tensor_scatter_nd_update(x, chosen, blurred)
     else:
       x = _distort_each(x, flip, params, jitter, gray, blur, sigma,
-                        self.version, self.blur_kernel)
+                        self.version, self.blur_kernel, scale)
     return tf.reshape(x, shape)
 
   def __call__(self, record, seed):
     """Both stages on one example: record -> float32 [V, S, S, 3]."""
     s = tf.random.experimental.stateless_split(seed, 2)
-    return self.distort(self.crop_views(record, s[0]), s[1])
+    # The scaling to [0, 1] happens inside the fused distortion.
+    return self._distort(self._crops_255(record, s[0]), s[1], 1. / 255.)
 
 
 @tf.function(jit_compile=True)
@@ -240,24 +251,36 @@ def _distort_batch(x, flip, params, jitter, gray, version):
 
 @tf.function(jit_compile=True)
 def _distort_each(x, flip, params, jitter, gray, blur, sigma, version,
-                  kernel_size):
-  """Flip, jitter, grayscale, blur one view at a time (conditionals run only
-  the chosen ops); XLA, on planes."""
-  def one(args):
-    v, f, b, c, sa, h, o, j, g, bl, sg = args
-    p = tf.transpose(tf.cond(f, lambda: tf.reverse(v, [1]), lambda: v), [2, 0, 1])
-    rgb = (p[0], p[1], p[2])
+                  kernel_size, scale):
+  """Scale to [0, 1] (x * scale, clipped), flip, jitter, grayscale, blur one
+  view at a time; XLA, on planes.
+
+  Only jitter and blur sit behind conditionals (they are the costly ops;
+  each conditional writes its planes out once). Flip and grayscale are
+  selects fused into the final write of the view. Both commute with blur
+  (a symmetric kernel with reflected borders; a per-pixel linear map), so
+  doing them after it gives the recipe's result.
+  """
+  order = tf.cast(params["order"], tf.int32)
+
+  def one(v, f, b, c, sa, h, o, j, g, bl, sg):
+    if scale != 1.:
+      v = tf.clip_by_value(v * scale, 0., 1.)
+    rgb = tuple(v[..., k] for k in range(3))
     one_params = {"brightness": b, "contrast": c, "saturation": sa, "hue": h}
     rgb = tf.cond(j, lambda: color.jitter_one(rgb, one_params, o, version),
                   lambda: rgb)
-    rgb = tf.cond(g, lambda: (color.grayscale_planar(rgb),) * 3, lambda: rgb)
     rgb = tf.cond(bl, lambda: color.blur_one(rgb, sg, kernel_size),
                   lambda: rgb)
-    return tf.stack(rgb, axis=-1)
+    grey = color.grayscale_planar(rgb)
+    out = tf.stack([tf.where(g, grey, k) for k in rgb], axis=-1)
+    return tf.where(f, tf.reverse(out, [1]), out)
   elems = (x, flip, params["brightness"], params["contrast"],
-           params["saturation"], params["hue"],
-           tf.cast(params["order"], tf.int32), jitter, gray, blur, sigma)
-  return tf.map_fn(one, elems, fn_output_signature=x.dtype)
+           params["saturation"], params["hue"], order, jitter, gray, blur,
+           sigma)
+  if x.shape[0] is not None and x.shape[0] <= 8:  # unrolled: no loop bookkeeping
+    return tf.stack([one(*[e[i] for e in elems]) for i in range(x.shape[0])])
+  return tf.map_fn(lambda e: one(*e), elems, fn_output_signature=x.dtype)
 
 
 def eval_view(record, image_size, crop_proportion=0.875):
