@@ -104,6 +104,7 @@ def _finish(ds, seed, batch_fn=None):
         num_parallel_calls=tf.data.AUTOTUNE)
   options = tf.data.Options()
   options.deterministic = seed is not None
+  options.threading.max_intra_op_parallelism = 1
   return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
