@@ -1,16 +1,19 @@
 """SimCLR / SupCon views, BiT train and eval views, and MixUp (RECIPES.md).
 
 A SimCLR view is made in two stages so that each runs where it is cheapest:
-  1. `crop_views` (per example, in a tf.data map): samples each view's crop
-     box, decodes only the union of the boxes from a JPEG (decode_and_crop),
-     and resizes each crop to image_size with *bilinear* interpolation (the
-     reference is bicubic; RECIPES.md allows bilinear, and it is about twice
-     as fast).
+  1. Crops. Per example (`crop_views`): samples the V boxes, decodes only
+     the union of the boxes from a JPEG (decode_and_crop), and resizes each
+     crop with *bilinear* interpolation (the reference is bicubic; RECIPES.md
+     allows bilinear, and it is about twice as fast). For same-size decoded
+     images (in-memory arrays) the pipeline crops whole batches instead
+     (`crop_batch`: the same bilinear taps as tf.image.resize, as gathers).
   2. `distort` (flip, colour jitter in random order with p=0.8, grayscale
-     p=0.2, Gaussian blur p=0.5 with per-image sigma), vectorised over many
-     images with per-image random parameters (color.py). The pipeline runs it
-     on whole batches of views (batch_level=True, default at <= 64 px where
-     per-image op dispatch dominates), or on the V views of each example.
+     p=0.2, Gaussian blur p=0.5 with per-image sigma): random parameters are
+     drawn per image, and the pixel work is one XLA-compiled function on
+     colour planes. Large views (per example) go one at a time, conditionals
+     running only each view's chosen ops; small views (batch_level=True,
+     default at <= 64 px) go as whole batches with per-image selects.
+     tests/test_data_fast_paths.py checks both paths give the same views.
 
 All randomness is stateless and comes from an explicit seed, so a pipeline
 with a seed is deterministic.

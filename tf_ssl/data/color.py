@@ -8,7 +8,8 @@ time, to within 2/255.
 
 Why not tf.image directly: its adjust_* ops take one scalar for the whole
 batch, and one map call per image costs more in op dispatch than the
-arithmetic at small sizes.
+arithmetic at small sizes. The planar variants further down are what the
+augmentation runs under XLA (augment.distort); they compute the same ops.
 """
 
 import tensorflow as tf
