@@ -10,9 +10,9 @@ A SimCLR view is made in two stages so that each runs where it is cheapest:
   2. `distort` (flip, colour jitter in random order with p=0.8, grayscale
      p=0.2, Gaussian blur p=0.5 with per-image sigma): random parameters are
      drawn per image, and the pixel work is one XLA-compiled function on
-     colour planes. Large views (per example) go one at a time, conditionals
-     running only each view's chosen ops; small views (batch_level=True,
-     default at <= 64 px) go as whole batches with per-image selects.
+     colour planes, run on whole batches by the pipeline (batch_level).
+     Views above 64 px go one at a time, conditionals running only each
+     view's chosen ops; smaller ones all at once with per-image selects.
      tests/test_data_fast_paths.py checks both paths give the same views.
 
 All randomness is stateless and comes from an explicit seed, so a pipeline
@@ -150,8 +150,10 @@ class SimCLRAugment:
     crop_area: (min, max) crop area fraction; SupCon may raise the minimum.
     num_views: views per image (2 for SimCLR).
     batch_level: run `distort` on whole batches (after batching) rather than
-      per example; None picks batch-level at image_size <= 64 (measured
-      faster there by tools/bench_input.py).
+      per example; None means True (measured faster at 32 and 224 px by
+      tools/bench_input.py: one XLA call per batch instead of per example).
+      At <= 64 px a batch is distorted with per-image selects, above one
+      view at a time with conditionals.
   """
 
   def __init__(self, image_size, color_strength=1.0, version=2, blur=None,
@@ -166,8 +168,7 @@ class SimCLRAugment:
     self.blur = self.image_size >= 96 if blur is None else bool(blur)
     self.crop_area = tuple(crop_area)
     self.num_views = int(num_views)
-    self.batch_level = (self.image_size <= 64 if batch_level is None
-                        else bool(batch_level))
+    self.batch_level = True if batch_level is None else bool(batch_level)
     # 10% of the side, made odd as the reference does.
     self.blur_kernel = 2 * (self.image_size // 10 // 2) + 1
 
@@ -204,9 +205,9 @@ class SimCLRAugment:
 
     The random parameters are drawn here; the pixel work runs as one
     XLA-compiled function on colour planes (fused, vectorised loops instead
-    of one pass over memory per op). Large views (batch_level=False) go one
-    at a time, conditionals running only each view's chosen ops; small ones
-    as a whole batch with per-image selects.
+    of one pass over memory per op). Views above 64 px (or any size with
+    batch_level=False) go one at a time, conditionals running only each
+    view's chosen ops; smaller ones all at once with per-image selects.
     """
     return self._distort(views, seed, 1.)
 
@@ -221,7 +222,7 @@ class SimCLRAugment:
     jitter = coin(2, 0.8)
     blur = coin(4, 0.5) if self.blur else tf.zeros([n], tf.bool)
     sigma = tf.random.stateless_uniform([n], s[5], 0.1, 2.0)
-    if self.batch_level:
+    if self.batch_level and self.image_size <= 64:
       x = tf.clip_by_value(x * scale, 0., 1.) if scale != 1. else x
       x = _distort_batch(x, flip, params, jitter, gray, self.version)
       if self.blur:

@@ -161,15 +161,16 @@ def build_pretrain(source, batch_size, augment, input_context=None, seed=None,
                                    seed, shuffle_buffer)
 
   def example(r, s):
-    if augment.batch_level:
-      return {"views": augment.crop_views(r, s)}
+    if augment.batch_level:  # scaled to [0, 1] inside the batch distortion
+      return {"views": augment._crops_255(r, s)}  # pylint: disable=protected-access
     return {"views": augment(r, s)}
   ds = _examples(source, input_context, seed, example, cache=cache,
                  shuffle_buffer=shuffle_buffer, repeat=True, counter=counter)
   ds = ds.batch(batch_size, drop_remainder=True)
   batch_fn = None
   if augment.batch_level:
-    batch_fn = lambda b, s: dict(b, views=augment.distort(b["views"], s))
+    batch_fn = lambda b, s: dict(b, views=augment._distort(  # pylint: disable=protected-access
+        b["views"], s, 1. / 255.))
   return _finish(ds, seed, batch_fn)
 
 
