@@ -91,7 +91,11 @@ def _examples(source, input_context, seed, example_fn, *, cache, shuffle_buffer,
   def fn(i, r):
     out = example_fn(r, tf.random.experimental.stateless_fold_in(base, i))
     return dict(out, label=r["label"], **{k: r[k] for k in skips.MARK_KEYS})
-  ds = records.enumerate().map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+  # Order-preserving (still parallel): the end-of-epoch marker must arrive
+  # after every record of its epoch, or the skip count in count_skipped
+  # reports files as lost that are still decoding.
+  ds = records.enumerate().map(fn, num_parallel_calls=tf.data.AUTOTUNE,
+                               deterministic=True)
   ds = skips.count_skipped(ds.ignore_errors(), counter, pipeline_id)
   return ds.map(_check_labels(source))
 
