@@ -64,7 +64,6 @@ flags.DEFINE_float("momentum", 0.9, "Momentum of LARS and SGD.")
 # Checkpoints, evaluation, export.
 flags.DEFINE_integer("checkpoint_every_steps", 1000, "Save a checkpoint every this many steps.")
 flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept in --workdir.")
-flags.DEFINE_integer("eval_every_steps", 0, "k-NN evaluation every this many steps (0: at the end only).")
 flags.DEFINE_integer("knn_k", 200, "Neighbours of the k-NN evaluation.")
 flags.DEFINE_float("knn_temperature", 0.1, "Temperature of the weighted k-NN vote.")
 flags.DEFINE_bool("baselines", False, "Also evaluate raw pixels and the random-init encoder.")
@@ -127,7 +126,6 @@ class PretrainConfig:
   lr_scaling: str
   weight_decay: float
   momentum: float
-  eval_every_steps: int
   knn_k: int
   knn_temperature: float
   baselines: bool
@@ -206,7 +204,7 @@ def pretrain_config():
       warmup_epochs=FLAGS.warmup_epochs, optimizer=FLAGS.optimizer,
       learning_rate=FLAGS.learning_rate, lr_scaling=FLAGS.lr_scaling,
       weight_decay=FLAGS.weight_decay, momentum=FLAGS.momentum,
-      eval_every_steps=FLAGS.eval_every_steps, knn_k=FLAGS.knn_k,
+      knn_k=FLAGS.knn_k,
       knn_temperature=FLAGS.knn_temperature, baselines=FLAGS.baselines,
       export=FLAGS.export)
 

@@ -179,14 +179,13 @@ def main(argv):
 
   # --------------------------------------------------------------- evaluation
   eval_batch = max(256, config.global_batch_size)
-  labelled_train = sources.make_source(d.dataset, d.train_split, d.data_dir)
   test_source = sources.make_source(d.dataset, d.eval_split, d.data_dir)
-  results = evaluate_features(model.backbone, labelled_train, test_source, config,
+  results = evaluate_features(model.backbone, train_source, test_source, config,
                               eval_batch)
   if config.baselines:
     for prefix, embed in (("raw_pixel_", raw_pixels),
                           ("random_init_", build_model(config, 0).backbone)):
-      for key, value in evaluate_features(embed, labelled_train, test_source,
+      for key, value in evaluate_features(embed, train_source, test_source,
                                           config, eval_batch).items():
         results[prefix + key] = value
   results.update(train_steps=int(optimizer.iterations.numpy()),
