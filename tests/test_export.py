@@ -105,9 +105,12 @@ assert sorted(serving.structured_outputs) == endpoints, serving.structured_outpu
 
 def check(got, mode, key, via):
   assert sorted(got) == endpoints, (via, sorted(got))
-  # Training mode normalises with the statistics of the batch (2 rows here),
-  # which amplifies float rounding between graph and eager kernels ~10x.
-  tol = 1e-5 if mode == "inference" else 1e-4
+  # Training mode normalises with the statistics of the batch (2 rows here):
+  # where two rows nearly agree, the variance is tiny and float rounding
+  # between graph and eager kernels is amplified (CI once saw 1.3e-3 relative
+  # on one element). Moving statistics instead of batch statistics would
+  # still be off by O(1), so 1e-3 keeps the check meaningful.
+  tol = 1e-5 if mode == "inference" else 1e-3
   for name in endpoints:
     want = ref[f"{mode}/{key}/{name}"]
     np.testing.assert_allclose(got[name].numpy(), want, rtol=tol,
