@@ -66,6 +66,8 @@ flags.DEFINE_integer("checkpoint_every_steps", 1000, "Save a checkpoint every th
 flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept in --workdir.")
 flags.DEFINE_integer("knn_k", 200, "Neighbours of the k-NN evaluation.")
 flags.DEFINE_float("knn_temperature", 0.1, "Temperature of the weighted k-NN vote.")
+flags.DEFINE_integer("eval_every_steps", 0, "k-NN accuracy to TensorBoard every this many steps (0: only at the end).")
+flags.DEFINE_integer("eval_examples", 10000, "Labelled examples (bank and queries each) of the k-NN during training.")
 flags.DEFINE_bool("baselines", False, "Also evaluate raw pixels and the random-init encoder.")
 flags.DEFINE_bool("export", True, "Export a SavedModel to <workdir>/saved_model at the end.")
 
@@ -128,6 +130,8 @@ class PretrainConfig:
   momentum: float
   knn_k: int
   knn_temperature: float
+  eval_every_steps: int
+  eval_examples: int
   baselines: bool
   export: bool
 
@@ -175,6 +179,9 @@ def pretrain_config():
   _check(FLAGS.method == "supcon" or FLAGS.num_views == 2, "num_views",
          "SimCLR's NT-Xent takes exactly 2 views; use --method=supcon for more.")
   _check(FLAGS.proj_layers >= 1, "proj_layers", "must be >= 1.")
+  _check(FLAGS.eval_every_steps >= 0, "eval_every_steps", "must be >= 0 (0: only at the end).")
+  _check(FLAGS.eval_examples >= 1, "eval_examples", "must be >= 1.")
+  _check(FLAGS.knn_k >= 1, "knn_k", "must be >= 1.")
   small_stem = FLAGS.small_image_stem
   if small_stem is None:
     small_stem = FLAGS.image_size <= 32
@@ -205,7 +212,9 @@ def pretrain_config():
       learning_rate=FLAGS.learning_rate, lr_scaling=FLAGS.lr_scaling,
       weight_decay=FLAGS.weight_decay, momentum=FLAGS.momentum,
       knn_k=FLAGS.knn_k,
-      knn_temperature=FLAGS.knn_temperature, baselines=FLAGS.baselines,
+      knn_temperature=FLAGS.knn_temperature,
+      eval_every_steps=FLAGS.eval_every_steps, eval_examples=FLAGS.eval_examples,
+      baselines=FLAGS.baselines,
       export=FLAGS.export)
 
 
