@@ -98,3 +98,33 @@ def test_tiny_run_writes_results_and_resumes_after_sigterm_and_sigkill(tmp_path,
 def _steps(workdir):
   return [int(p.rsplit("-", 1)[1].split(".")[0])
           for p in glob.glob(str(workdir / "checkpoints" / "ckpt-*.index"))]
+
+
+def _summaries(workdir):
+  """{tag: [(step, tensor proto)]} from every event file of the run."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  found = {}
+  for path in glob.glob(str(workdir / "summaries" / "events.*")):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        found.setdefault(value.tag, []).append((event.step, value.tensor))
+  return found
+
+
+@pytest.mark.slow
+def test_tensorboard_gets_the_view_grid_and_knn_at_each_evaluation(tmp_path, image_folder):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "run"
+  result = _run(_command(workdir, image_folder, "--train_steps=4",
+                         "--eval_every_steps=2", "--eval_examples=12"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  summaries = _summaries(workdir)
+  [(step, grid)] = summaries["views"]
+  assert step == 0
+  png = tf.make_ndarray(grid)[2]  # [width, height, png]
+  # 8 images (rows) x 2 views (columns) of 16 px.
+  assert tuple(tf.io.decode_png(png).shape) == (8 * 16, 2 * 16, 3)
+  knn_steps = sorted(s for s, _ in summaries["eval/knn_top1"])
+  assert knn_steps == [2, 4, 4], "every 2 steps, and the final evaluation at 4"
+  for _, value in summaries["eval/knn_top1"]:
+    assert 0.0 <= float(tf.make_ndarray(value)) <= 1.0

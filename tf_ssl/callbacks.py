@@ -133,3 +133,34 @@ class StopAtStep(keras.callbacks.Callback):
   def on_train_batch_end(self, batch, logs=None):
     if int(self.step.numpy()) >= self.last_step:
       self.model.stop_training = True
+
+
+class KnnMonitor(keras.callbacks.Callback):
+  """k-NN top-1 of the backbone's features every `every_steps` steps.
+
+  A cheap running measure of representation quality beside the online probe:
+  `evaluate_fn()` returns the accuracy (the trainer binds it to a fixed
+  labelled bank and query set), which goes to the logs (so the progress bar
+  and history show it) and to TensorBoard as eval/knn_top1.
+  """
+
+  def __init__(self, evaluate_fn, step_variable, every_steps, writer=None):
+    super().__init__()
+    self.evaluate_fn = evaluate_fn
+    self.step = step_variable
+    self.every_steps = every_steps
+    self.writer = writer
+    self.history = []  # (step, accuracy)
+
+  def on_train_batch_end(self, batch, logs=None):
+    step = int(self.step.numpy())
+    if step % self.every_steps or any(s == step for s, _ in self.history):
+      return
+    accuracy = float(self.evaluate_fn())
+    self.history.append((step, accuracy))
+    if logs is not None:
+      logs["knn_top1"] = accuracy
+    if self.writer is not None:
+      with self.writer.as_default(step=step):
+        tf.summary.scalar("eval/knn_top1", accuracy)
+      self.writer.flush()

@@ -1,4 +1,5 @@
-"""PNG plots of a run's training curves (from <workdir>/history.jsonl)."""
+"""Pictures of a run: training curves (from <workdir>/history.jsonl) as a PNG,
+and the augmented views as a TensorBoard image grid."""
 
 import json
 
@@ -6,6 +7,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import numpy as np
 import tensorflow as tf
 
 CURVES = ("loss", "contrast_acc", "probe_acc", "learning_rate")
@@ -30,3 +32,22 @@ def training_curves(history_path, png_path, curves=CURVES):
   with tf.io.gfile.GFile(png_path, "wb") as f:
     fig.savefig(f, format="png", dpi=100)
   plt.close(fig)
+
+
+def view_grid(views, max_images=8):
+  """[B, V, H, W, C] views in [0, 1] -> one [1, rows*H, V*W, C] grid image.
+
+  Each row is one image, each column one of its views, so the pairing the
+  contrastive loss sees is visible at a glance (TensorBoard "views").
+  """
+  views = np.asarray(views, np.float32)[:max_images]
+  b, v, h, w, c = views.shape
+  grid = views.transpose(0, 2, 1, 3, 4).reshape(b * h, v * w, c)
+  return np.clip(grid, 0.0, 1.0)[None]
+
+
+def write_view_grid(writer, views, step, max_images=8):
+  """Writes `view_grid(views)` to TensorBoard as the image "views"."""
+  with writer.as_default(step=step):
+    tf.summary.image("views", view_grid(views, max_images), step=step)
+  writer.flush()

@@ -84,6 +84,28 @@ def evaluate_features(embed_fn, train_source, test_source, config, batch_size):
   }
 
 
+def knn_monitor(backbone, train_source, test_source, config, batch_size=256):
+  """A function returning the k-NN top-1 of `backbone` on fixed subsets.
+
+  The first `config.eval_examples` examples of each split: the same bank and
+  queries at every evaluation, so the curve moves only with the encoder.
+  """
+  def first(source):
+    return source.take(np.arange(min(config.eval_examples, source.num_examples)))
+  bank, queries = first(train_source), first(test_source)
+  classes = test_source.num_classes or train_source.num_classes
+
+  def accuracy():
+    size = config.data.image_size
+    train = evaluate.extract_features(
+        backbone, pipeline.build_eval(bank, batch_size, size, cache=False))
+    test = evaluate.extract_features(
+        backbone, pipeline.build_eval(queries, batch_size, size, cache=False))
+    return evaluate.knn_accuracy(*train, *test, classes, k=config.knn_k,
+                                 temperature=config.knn_temperature)
+  return accuracy
+
+
 def raw_pixels(images, training=False):
   del training
   return {"features": tf.reshape(images, [tf.shape(images)[0], -1])}
@@ -153,6 +175,11 @@ def main(argv):
 
   # -------------------------------------------------------------------- train
   writer = tf.summary.create_file_writer(os.path.join(run.workdir, "summaries"))
+  test_source = sources.make_source(d.dataset, d.eval_split, d.data_dir)
+  if start_step == 0:
+    sample = pipeline.build_pretrain(train_source, 8, views, seed=run.seed,
+                                     cache=False, shuffle_buffer=0)
+    plots.write_view_grid(writer, next(iter(sample))["views"], step=0)
   saver = callbacks.CheckpointAndPreemption(manager, optimizer.iterations,
                                             run.checkpoint_every_steps)
   history_path = os.path.join(run.workdir, "history.jsonl")
@@ -164,6 +191,10 @@ def main(argv):
                            writer=writer, every_steps=max(1, min(50, total_steps // 20)),
                            history_path=history_path),
   ]
+  if config.eval_every_steps:
+    fit_callbacks.append(callbacks.KnnMonitor(
+        knn_monitor(model.backbone, train_source, test_source, config),
+        optimizer.iterations, config.eval_every_steps, writer=writer))
   remaining = total_steps - start_step
   if remaining > 0:
     chunk = min(steps_per_epoch, total_steps)
@@ -179,7 +210,6 @@ def main(argv):
 
   # --------------------------------------------------------------- evaluation
   eval_batch = max(256, config.global_batch_size)
-  test_source = sources.make_source(d.dataset, d.eval_split, d.data_dir)
   results = evaluate_features(model.backbone, train_source, test_source, config,
                               eval_batch)
   if config.baselines:
