@@ -221,3 +221,183 @@ def pretrain_config():
 def flags_as_text():
   """The resolved flags as a flagfile, so a run can be replayed."""
   return FLAGS.flags_into_string()
+
+
+# ---------------------------------------------------------------------------
+# Fine-tuning (python -m tf_ssl.finetune). Reuses the run, data, model and
+# optimisation flags above; these are the ones only fine-tuning reads.
+# ---------------------------------------------------------------------------
+FINETUNE_MODES = ("linear", "finetune", "hyperrule")
+flags.DEFINE_enum("mode", "hyperrule", list(FINETUNE_MODES),
+                  "linear: frozen backbone, crop+flip; finetune: whole network (from "
+                  "--finetune_after_block); hyperrule: BiT-HyperRule.")
+flags.DEFINE_string("init", None, "Start from: a tf_ssl checkpoint (prefix, checkpoints/ dir or "
+                    "pretraining workdir), a BiT .npz, an exported SavedModel dir, or 'none' "
+                    "(random init).")
+flags.DEFINE_integer("finetune_proj_layers", 0, "Keep this many leading projection-head layers "
+                     "from the init (SimCLRv2 fine-tunes from the first); needs --proj_layers, "
+                     "--proj_hidden_dim, --proj_dim, --simclr_version of the pretraining run.")
+flags.DEFINE_integer("finetune_after_block", -1, "finetune mode: -1 trains everything; k in 0..4 "
+                     "freezes the stem and blocks 1..k (SimCLR's fine_tune_after_block).")
+flags.DEFINE_float("label_fraction", None, "Train on this class-balanced fraction of the labels (0.01, 0.1).")
+flags.DEFINE_integer("labels_per_class", None, "Train on this many labelled examples per class.")
+flags.DEFINE_integer("subset_seed", 0, "Seed of the label subset: equal seeds, equal subsets.")
+flags.DEFINE_integer("num_classes", 0, "Classes of the head; 0: from the dataset (checked against it otherwise).")
+flags.DEFINE_bool("nesterov", False, "Nesterov momentum for --optimizer=sgd (SimCLR linear evaluation).")
+flags.DEFINE_bool("zero_init_head", True, "Zero-initialise the classifier (BiT); else N(0, 0.01) as SimCLR.")
+flags.DEFINE_float("hyperrule_base_lr", 0.003, "HyperRule learning rate at batch 512 (scaled linearly).")
+flags.DEFINE_float("mixup_alpha", None, "MixUp alpha; default: the HyperRule's rule in hyperrule mode, else 0.")
+flags.DEFINE_integer("resize_size", 0, "hyperrule: resize side before the random crop; 0: HyperRule rule.")
+flags.DEFINE_integer("crop_size", 0, "hyperrule: train crop / test resize side; 0: HyperRule rule.")
+flags.DEFINE_integer("eval_batch_size", 0, "Eval batch over all replicas; 0: max(--global_batch_size, 256).")
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+  """Everything a fine-tuning run needs; flat, with library defaults.
+
+  `finetune_config()` fills it from the flags; a tool or notebook builds it
+  directly, e.g. FinetuneConfig(mode="linear", init="runs/x/checkpoints",
+  labels_per_class=10, train_steps=500), and varies it with
+  dataclasses.replace. Field names equal the flag names. Invalid values raise
+  ValueError naming the field as a flag (checked on construction and replace).
+  """
+  mode: str = "hyperrule"
+  init: Optional[str] = None           # None or "none": random initialisation.
+  # Data.
+  dataset: str = "fashion_mnist"
+  data_dir: Optional[str] = None
+  train_split: str = "train"
+  eval_split: str = "test"
+  label_fraction: Optional[float] = None
+  labels_per_class: Optional[int] = None
+  subset_seed: int = 0
+  num_classes: int = 0
+  image_size: int = 32                 # linear / finetune view side.
+  resize_size: int = 0                 # hyperrule; 0: hyperrule.get_resolution.
+  crop_size: int = 0
+  mixup_alpha: Optional[float] = None
+  cache: object = "auto"
+  # Model.
+  backbone: str = "resnet18"
+  small_image_stem: bool = False
+  sync_bn: bool = False
+  finetune_proj_layers: int = 0
+  proj_layers: int = 3                 # The pretrained projection head's shape.
+  proj_hidden_dim: int = 2048
+  proj_dim: int = 128
+  simclr_version: int = 2
+  finetune_after_block: int = -1
+  zero_init_head: bool = True
+  # Optimisation (linear / finetune; hyperrule fixes its own).
+  global_batch_size: int = 512
+  train_steps: Optional[int] = None
+  train_epochs: Optional[float] = None
+  optimizer: str = "sgd"
+  learning_rate: float = 0.1
+  lr_scaling: str = "linear"
+  momentum: float = 0.9
+  nesterov: bool = False
+  weight_decay: float = 0.0
+  warmup_epochs: float = 0.0
+  hyperrule_base_lr: float = 0.003
+  eval_batch_size: int = 0
+  # Run.
+  workdir: Optional[str] = None        # None: no checkpoints, files or export.
+  strategy: str = "default"
+  tpu: Optional[str] = None
+  seed: int = 0
+  deterministic: bool = False
+  mixed_precision: bool = False
+  steps_per_execution: int = 1
+  jit_compile: bool = False
+  checkpoint_every_steps: int = 1000
+  keep_checkpoints: int = 3
+  export: bool = True
+
+  def __post_init__(self):
+    def check(condition, field, message):
+      if not condition:
+        raise ValueError(f"--{field}={getattr(self, field)!r}: {message}")
+    check(self.mode in FINETUNE_MODES, "mode", f"pick one of {FINETUNE_MODES}.")
+    check(self.optimizer in ("sgd", "lars"), "optimizer",
+          "fine-tuning uses sgd (momentum, optionally --nesterov) or lars.")
+    check(self.lr_scaling in ("linear", "sqrt", "none"), "lr_scaling",
+          "pick linear, sqrt or none.")
+    check(self.label_fraction is None or self.labels_per_class is None,
+          "label_fraction", "give at most one of --label_fraction and --labels_per_class.")
+    check(self.label_fraction is None or 0 < self.label_fraction <= 1,
+          "label_fraction", "must be in (0, 1], e.g. 0.01 or 0.1.")
+    check(self.labels_per_class is None or self.labels_per_class >= 1,
+          "labels_per_class", "must be >= 1.")
+    check(self.num_classes >= 0, "num_classes", "must be >= 0 (0: from the dataset).")
+    check(self.global_batch_size >= 1, "global_batch_size", "must be >= 1.")
+    check(self.eval_batch_size >= 0, "eval_batch_size", "must be >= 0.")
+    check(self.image_size >= 8, "image_size", "must be >= 8 pixels.")
+    check(self.resize_size >= 0 and self.crop_size >= 0, "crop_size",
+          "--crop_size and --resize_size must be >= 0 (0: the HyperRule's).")
+    check((self.resize_size == 0) == (self.crop_size == 0), "crop_size",
+          f"give both --crop_size and --resize_size (--resize_size={self.resize_size}) "
+          "or neither.")
+    check(self.crop_size <= self.resize_size, "crop_size",
+          f"must not exceed --resize_size={self.resize_size}.")
+    check(self.mixup_alpha is None or self.mixup_alpha >= 0, "mixup_alpha", "must be >= 0.")
+    check(self.finetune_proj_layers >= 0, "finetune_proj_layers", "must be >= 0.")
+    check(self.finetune_proj_layers <= self.proj_layers, "finetune_proj_layers",
+          f"the pretrained head has --proj_layers={self.proj_layers} layers.")
+    check(-1 <= self.finetune_after_block <= 4, "finetune_after_block",
+          "must be -1 (train everything) or 0..4.")
+    check(self.mode == "finetune" or self.finetune_after_block == -1,
+          "finetune_after_block", "only --mode=finetune freezes leading blocks.")
+    check(self.train_steps is None or self.train_steps > 0, "train_steps", "must be positive.")
+    check(self.train_epochs is None or self.train_epochs > 0, "train_epochs", "must be positive.")
+    if self.mode == "hyperrule":
+      check(self.train_epochs is None, "train_epochs",
+            "--mode=hyperrule takes its length from the HyperRule schedule (or "
+            "--train_steps, which rescales it); drop --train_epochs.")
+      check(self.hyperrule_base_lr > 0, "hyperrule_base_lr", "must be positive.")
+    else:
+      check((self.train_steps is None) != (self.train_epochs is None), "train_steps",
+            "give exactly one of --train_steps and --train_epochs "
+            f"(got --train_epochs={self.train_epochs!r}).")
+      check(self.learning_rate > 0, "learning_rate", "must be positive.")
+    check(self.weight_decay >= 0, "weight_decay", "must be >= 0.")
+    check(self.warmup_epochs >= 0, "warmup_epochs", "must be >= 0.")
+    check(self.steps_per_execution >= 1, "steps_per_execution", "must be >= 1.")
+    check(self.checkpoint_every_steps >= 1, "checkpoint_every_steps", "must be >= 1.")
+    check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1.")
+
+
+# Shared optimisation flags that --mode=hyperrule replaces by the HyperRule
+# (SGD momentum 0.9, lr 0.003 * B / 512, no weight decay, its own schedule).
+_HYPERRULE_FIXED = ("optimizer", "learning_rate", "lr_scaling", "momentum",
+                    "nesterov", "weight_decay", "warmup_epochs")
+
+
+def finetune_config():
+  """Validates the fine-tuning flags and returns a FinetuneConfig."""
+  _check(FLAGS.workdir, "workdir", "give a directory for checkpoints and results.")
+  if FLAGS.mode == "hyperrule":
+    for name in _HYPERRULE_FIXED:
+      _check(not FLAGS[name].present, name,
+             "--mode=hyperrule fixes SGD momentum 0.9, lr --hyperrule_base_lr * "
+             "batch / 512, no weight decay and the step schedule; drop this flag "
+             "or use --mode=finetune.")
+  image_size = FLAGS.image_size
+  if FLAGS.mode == "hyperrule" and FLAGS.crop_size:
+    image_size = FLAGS.crop_size
+  small_stem = FLAGS.small_image_stem
+  if small_stem is None:
+    small_stem = image_size <= 32 and (FLAGS.mode != "hyperrule" or FLAGS.crop_size > 0)
+  fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
+  values = {name: getattr(FLAGS, name) for name in fields}
+  values.update(small_image_stem=bool(small_stem),
+                simclr_version=int(FLAGS.simclr_version),
+                cache={"auto": "auto", "on": True, "off": False}[FLAGS.cache])
+  if FLAGS.mode == "hyperrule":  # The shared defaults are pretraining's.
+    for name in _HYPERRULE_FIXED:
+      values[name] = getattr(FinetuneConfig, name)
+  try:
+    return FinetuneConfig(**values)
+  except ValueError as e:
+    raise flags.ValidationError(str(e)) from None
