@@ -60,6 +60,12 @@ def test_bottleneck_widths():
   out = model(np.random.rand(1, 8, 8, 3).astype("float32"))
   assert out["block1"].shape[-1] == 256 and model.feature_dim == 2048
   assert build_backbone("resnet18x2").feature_dim == 1024
+  small = build_backbone("resnet18x0.25", small_image_stem=True)
+  assert small.feature_dim == 128
+  assert small(np.zeros((1, 8, 8, 3), "float32"))["block1"].shape[-1] == 16
+  for bad in (0.3, 0, -1):  # 64 * 0.3 is not a whole channel count
+    with pytest.raises(ValueError, match="width_multiplier"):
+      resnet.resnet(18, width_multiplier=bad)
 
 
 def _forward(model, x):

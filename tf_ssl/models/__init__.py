@@ -18,7 +18,7 @@ BACKBONE_NAMES = (
     "bit_r{18,26,34,50,101,152}x{width}  BiT ResNet-v2 GN+WS; e.g. bit_r50x1, "
     "bit_r26x1, bit_r152x4",
 )
-_RESNET = re.compile(r"resnet(\d+)(?:x(\d+))?")
+_RESNET = re.compile(r"resnet(\d+)(?:x(\d+(?:\.\d+)?))?")
 _BIT = re.compile(r"bit_r(\d+)x(\d+(?:\.\d+)?)")
 
 
@@ -45,8 +45,9 @@ def build_backbone(name, num_classes=0, small_image_stem=False, **kwargs):
   try:
     match = _RESNET.fullmatch(name)
     if match:
+      width = float(match.group(2) or 1)
       return resnet.resnet(int(match.group(1)),
-                           width_multiplier=int(match.group(2) or 1),
+                           width_multiplier=int(width) if width.is_integer() else width,
                            num_classes=num_classes,
                            cifar_stem=small_image_stem, **kwargs)
     match = _BIT.fullmatch(name)

@@ -137,18 +137,22 @@ class ResNet(keras.Model):
     if depth not in BLOCK_UNITS:
       raise ValueError(f"resnet: depth={depth!r} is not one of "
                        f"{sorted(BLOCK_UNITS)}.")
-    if int(width_multiplier) != width_multiplier or width_multiplier < 1:
+    # SimCLR uses 1x, 2x, 4x; fractions (0.25, 0.5) make the small CPU models.
+    if width_multiplier <= 0 or not float(64 * width_multiplier).is_integer():
       raise ValueError(f"resnet: width_multiplier={width_multiplier!r}; pass "
-                       "a positive integer (1, 2, 4 in SimCLR).")
+                       "1, 2, 4 (SimCLR) or a fraction with 64 * width an "
+                       "integer, e.g. 0.25 or 0.5.")
     self.depth = depth
-    self.width_multiplier = int(width_multiplier)
+    self.width_multiplier = (int(width_multiplier)
+                             if float(width_multiplier).is_integer()
+                             else float(width_multiplier))
     self.num_classes = num_classes
     self.cifar_stem = cifar_stem
     self.sync_bn = sync_bn
     self.bn_momentum = bn_momentum
     bn = dict(momentum=bn_momentum, epsilon=BN_EPSILON, synchronized=sync_bn)
     kind, units = BLOCK_UNITS[depth]
-    w = 64 * self.width_multiplier
+    w = int(64 * self.width_multiplier)
     self.stem = (_ConvBN(w, 3, 1, bn=bn, name="stem") if cifar_stem else
                  _ConvBN(w, 7, 2, bn=bn, name="stem"))
     self.blocks = []
@@ -207,7 +211,8 @@ def resnet(depth=50, width_multiplier=1, num_classes=0, cifar_stem=False,
 
   Args:
     depth: 18 or 34 (basic blocks), 50, 101, 152 or 200 (bottlenecks).
-    width_multiplier: integer channel multiplier (SimCLR's 1x, 2x, 4x).
+    width_multiplier: channel multiplier (SimCLR's 1x, 2x, 4x; or a fraction
+      such as 0.25 or 0.5 for small CPU models).
     num_classes: 0 for no classifier, else the size of a zero-init "head".
     cifar_stem: 3x3 stride-1 stem without max-pool, for images <= 32px.
     sync_bn: BatchNormalization(synchronized=True): batch statistics over all
