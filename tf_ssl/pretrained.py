@@ -1,0 +1,202 @@
+"""Starting points for fine-tuning: tf_ssl checkpoints, BiT .npz, SavedModels.
+
+`load_init(backbone, init)` fills a freshly built backbone (and optionally
+the leading layers of a projection head) from whichever of these `init`
+names; `init_kind(init)` says which it is. Every load is all-or-nothing:
+each target variable must find a value of its shape and each source value
+of the selected part a target, otherwise nothing is assigned and one
+ValueError lists what differs (another depth or width, a missing head, a
+file that is not a tf_ssl export).
+"""
+
+import os
+import re
+
+import tensorflow as tf
+
+from tf_ssl import checkpoints
+from tf_ssl.models import bit
+
+KINDS = ("none", "checkpoint", "bit_npz", "saved_model")
+_PROJECTION_LAYER = re.compile(r"^(?:dense|batch_norm)_(\d+)/")
+
+
+def init_kind(init):
+  """("none" | "checkpoint" | "bit_npz" | "saved_model", resolved path).
+
+  Accepted: None, "" or "none"; a .npz file (released BiT weights); a
+  SavedModel directory (tf_ssl.export); a checkpoint prefix (".../ckpt-500"),
+  a directory of checkpoints, or a pretraining workdir (its checkpoints/).
+
+  Raises:
+    ValueError: naming `init` when it is none of these.
+  """
+  if init in (None, "", "none"):
+    return "none", None
+  gfile = tf.io.gfile
+  if init.endswith(".npz"):
+    if not gfile.exists(init):
+      raise ValueError(f"--init={init!r}: file not found.")
+    return "bit_npz", init
+  if gfile.isdir(init):
+    if gfile.exists(os.path.join(init, "saved_model.pb")):
+      return "saved_model", init
+    for directory in (init, os.path.join(init, "checkpoints")):
+      if gfile.isdir(directory) and tf.train.latest_checkpoint(directory):
+        return "checkpoint", tf.train.latest_checkpoint(directory)
+  elif gfile.exists(init + ".index"):
+    return "checkpoint", init
+  raise ValueError(
+      f"--init={init!r} is not a BiT .npz file, a SavedModel directory "
+      "(with saved_model.pb), a checkpoint prefix (.../ckpt-N), a directory "
+      "of checkpoints or a pretraining workdir; pass --init=none for a "
+      "random initialisation.")
+
+
+def _projection_select(num_layers):
+  def select(name):
+    match = _PROJECTION_LAYER.match(name)
+    return bool(match) and int(match.group(1)) <= num_layers
+  return select
+
+
+def _copy_matching(targets, saved, source, part, skip=lambda name: False):
+  """Assigns saved[prefix + name] to targets[name] for one common prefix.
+
+  The prefix (e.g. "resnet/" for a backbone exported alone or inside a
+  ContrastiveModel) is the one under which most target names are found.
+  Saved names under that prefix that the target lacks count as differences,
+  unless skip(name) (e.g. a classifier head the new model replaces).
+  """
+  hits = {}
+  for name in targets:
+    for saved_name in saved:
+      if saved_name == name or saved_name.endswith("/" + name):
+        prefix = saved_name[:len(saved_name) - len(name)]
+        hits[prefix] = hits.get(prefix, 0) + 1
+  prefix = max(sorted(hits, key=len), key=hits.get) if hits else ""
+  problems = []
+  for name, variable in targets.items():
+    value = saved.get(prefix + name)
+    if value is None:
+      problems.append(f"{part}/{name}: target shape {tuple(variable.shape)}, "
+                      "missing from the SavedModel")
+    elif tuple(value.shape) != tuple(variable.shape):
+      problems.append(f"{part}/{name}: SavedModel shape {tuple(value.shape)} "
+                      f"!= target shape {tuple(variable.shape)}")
+  for saved_name in sorted(saved):
+    name = saved_name[len(prefix):]
+    if (prefix and saved_name.startswith(prefix) and name not in targets and
+        not skip(name)):
+      problems.append(f"{part}/{name}: SavedModel shape "
+                      f"{tuple(saved[saved_name].shape)}, missing from the target")
+  if problems:
+    shown = "\n  ".join(problems[:16])
+    more = f"\n  ... and {len(problems) - 16} more" if len(problems) > 16 else ""
+    raise ValueError(
+        f"restore {part} from the SavedModel {source}, nothing restored: "
+        f"{len(problems)} difference(s); is the architecture (depth, width, "
+        f"stem) the one that was exported?\n  {shown}{more}")
+  return [(variable, saved[prefix + name]) for name, variable in targets.items()]
+
+
+def restore_from_saved_model(backbone, path, projection_head=None, proj_layers=0):
+  """Copies an exported tf_ssl model's variables into a fresh backbone.
+
+  Args:
+    backbone: a built backbone of the exported architecture.
+    path: a directory written by tf_ssl.export.export_saved_model (from a
+      backbone, a ContrastiveModel or a fine-tuned Classifier).
+    projection_head: optional built ProjectionHead whose first
+      `proj_layers` layers are copied too (needs a ContrastiveModel export).
+    proj_layers: see projection_head.
+
+  Returns:
+    The number of variables copied.
+
+  Raises:
+    ValueError: when the SavedModel lacks the serving signature, the
+      "features" endpoint or the `variables` attribute of a tf_ssl export,
+      or when any variable differs (nothing is assigned then).
+  """
+  loaded = tf.saved_model.load(path)
+  signatures = sorted(loaded.signatures.keys())
+  if "serving_default" not in signatures:
+    raise ValueError(
+        f"--init={path!r}: the SavedModel has no serving_default signature "
+        f"(signatures: {signatures}); export with tf_ssl.export.export_saved_model.")
+  outputs = sorted(loaded.signatures["serving_default"].structured_outputs)
+  # A backbone or ContrastiveModel export serves "features"; a fine-tuned
+  # classifier serves logits but keeps every endpoint in call_endpoint.
+  if "features" not in outputs and not hasattr(loaded, "call_endpoint"):
+    raise ValueError(
+        f"--init={path!r}: its serving_default signature returns {outputs}, no "
+        "'features' endpoint, and it has no call_endpoint; it is not a tf_ssl "
+        "export.")
+  variables = list(getattr(loaded, "variables", None) or [])
+  if not variables:
+    raise ValueError(f"--init={path!r}: the SavedModel has no `variables` "
+                     "attribute to copy from; export with tf_ssl.export.")
+  saved = {v.name.rsplit(":", 1)[0]: v for v in variables}
+  skip = lambda name: any(re.search(p, name) for p in checkpoints.BACKBONE_SKIP)
+  targets = {n: v for n, v in checkpoints.variables_by_name(backbone).items()
+             if not skip(n)}
+  assignments = _copy_matching(targets, saved, path, "backbone", skip)
+  if proj_layers:
+    select = _projection_select(proj_layers)
+    head_targets = {n: v for n, v in
+                    checkpoints.variables_by_name(projection_head).items() if select(n)}
+    # Only the selected layers of the saved head are compared.
+    head_saved = {n: v for n, v in saved.items() if "projection_head/" in n and
+                  select(n.split("projection_head/", 1)[1])}
+    if not head_saved:
+      raise ValueError(f"--init={path!r}: the SavedModel has no projection_head "
+                       "variables; export the ContrastiveModel, not the backbone, "
+                       "or pass --finetune_proj_layers=0.")
+    assignments += _copy_matching(head_targets, head_saved, path, "projection_head")
+  for variable, value in assignments:
+    variable.assign(value)
+  return len(assignments)
+
+
+def load_init(backbone, init, projection_head=None, proj_layers=0,
+              backbone_name=None):
+  """Initialises `backbone` (and projection layers) from `init`, all or none.
+
+  Args:
+    backbone: a freshly built tf_ssl backbone.
+    init: see `init_kind`.
+    projection_head: a built ProjectionHead shaped like the pretrained one,
+      when proj_layers > 0.
+    proj_layers: how many leading projection layers to take from `init`
+      (checkpoint or ContrastiveModel SavedModel only).
+    backbone_name: the flag value the backbone was built from, for messages.
+
+  Returns:
+    {"kind": ..., "path": ..., "restored": number of variables}.
+
+  Raises:
+    ValueError: naming what differs; nothing is assigned then.
+  """
+  kind, path = init_kind(init)
+  what = f"--backbone={backbone_name}" if backbone_name else backbone.name
+  if proj_layers and kind == "bit_npz":
+    raise ValueError(f"--init={init!r}: a BiT .npz has no projection head; pass "
+                     "--finetune_proj_layers=0.")
+  restored = 0
+  try:
+    if kind == "checkpoint":
+      restored = len(checkpoints.restore_backbone(backbone, path))
+      if proj_layers:
+        restored += len(checkpoints.restore_projection_layers(
+            projection_head, path, proj_layers))
+    elif kind == "bit_npz":
+      if not isinstance(backbone, bit.ResNetV2):
+        raise ValueError(f"a BiT .npz initialises a BiT ResNet-v2; {what} is "
+                         "not one (use e.g. --backbone=bit_r50x1).")
+      restored = len(bit.load_bit_npz(backbone, path, head="drop"))
+    elif kind == "saved_model":
+      restored = restore_from_saved_model(backbone, path, projection_head, proj_layers)
+  except ValueError as e:
+    raise ValueError(f"--init={init!r} does not fit {what}: {e}") from e
+  return {"kind": kind, "path": path, "restored": restored}
