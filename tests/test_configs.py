@@ -1,0 +1,225 @@
+"""Every flagfile in configs/ parses, validates, and builds what it describes.
+
+For each configs/*.cfg (globbed, so new files are covered): the header names
+the command that runs it, absl parses it with the flags of tf_ssl/flags.py,
+the config function accepts it, and for pretraining configs the model is
+built at the real image size and the SimCLR views are made from the data
+spec (the dataset name must resolve; the data itself need not exist here).
+Recipe-invariant checks (stem and blur against image size, batch against the
+stated TPU cores) and the published numbers of RECIPES.md for the
+pretraining recipes catch a config edited away from its paper.
+"""
+
+import glob
+import importlib
+import importlib.util
+import math
+import os
+import re
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_ssl import flags as tf_ssl_flags
+from tf_ssl import optim
+from tf_ssl import train
+from tf_ssl.data import augment
+from tf_ssl.data import sources
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.cfg")))
+FLAGS = tf_ssl_flags.FLAGS
+
+# Class counts of the datasets the configs name, to size the online probe
+# without reading the data (which need not be on this machine).
+NUM_CLASSES = {"tfds:imagenet2012": 1000, "tfds:cifar10": 10, "fashion_mnist": 10}
+FEATURE_WIDTH = {"resnet18": 512, "resnet50": 2048}
+
+# The published recipes (RECIPES.md and the papers each config cites).
+# peak_lr is the learning rate after batch scaling, the number the papers
+# state (SimCLR v1: 0.3 * 4096 / 256 = 4.8; v2: 0.1 * sqrt(4096) = 6.4).
+PUBLISHED = {
+    "simclr_imagenet.cfg": dict(
+        dataset="tfds:imagenet2012", backbone="resnet50", image_size=224,
+        global_batch_size=4096, train_epochs=100, peak_lr=0.3 * 4096 / 256,
+        warmup_epochs=10, weight_decay=1e-6, temperature=0.1, proj_layers=2,
+        color_strength=1.0, blur=True, simclr_version=1, method="simclr",
+        optimizer="lars"),
+    "simclrv2_imagenet.cfg": dict(
+        dataset="tfds:imagenet2012", backbone="resnet50", image_size=224,
+        global_batch_size=4096, train_epochs=800, peak_lr=6.4,
+        warmup_epochs=0.05 * 800, weight_decay=1e-4, temperature=0.1,
+        proj_layers=3, color_strength=1.0, blur=True, simclr_version=2,
+        method="simclr", optimizer="lars"),
+    "supcon_imagenet.cfg": dict(
+        dataset="tfds:imagenet2012", backbone="resnet50", image_size=224,
+        global_batch_size=6144, train_epochs=350, peak_lr=0.4 * 6144 / 256,
+        weight_decay=1e-3, temperature=0.1, method="supcon", optimizer="lars"),
+    "simclr_cifar10.cfg": dict(
+        dataset="tfds:cifar10", backbone="resnet50", image_size=32,
+        global_batch_size=1024, train_epochs=1000, peak_lr=1.0 * 1024 / 256,
+        weight_decay=1e-4, temperature=0.5, proj_layers=2, color_strength=0.5,
+        blur=False, simclr_version=1, method="simclr", optimizer="lars"),
+    "supcon_cifar10.cfg": dict(
+        dataset="tfds:cifar10", backbone="resnet50", image_size=32,
+        global_batch_size=1024, train_epochs=1000, peak_lr=0.5,
+        weight_decay=1e-4, temperature=0.1, color_strength=0.5, blur=False,
+        crop_min_area=0.2, method="supcon", optimizer="sgd"),
+}
+
+
+def _header(path):
+  """The leading comment block of a flagfile, as one string."""
+  lines = []
+  with open(path) as f:
+    for line in f:
+      if not line.startswith("#"):
+        break
+      lines.append(line.lstrip("#").strip())
+  return "\n".join(lines)
+
+
+def _entry_point(path):
+  """"train" or "finetune": the tf_ssl module the header's command runs."""
+  match = re.search(r"python -m tf_ssl\.(\w+)", _header(path))
+  return match.group(1) if match else None
+
+
+def _name(path):
+  return os.path.basename(path)
+
+
+@pytest.fixture
+def parse(tmp_path):
+  """Parses a flagfile into the module-level FLAGS; unparses afterwards so
+  the next file (and other tests) start from the defaults."""
+  def parse_file(path):
+    FLAGS.unparse_flags()
+    FLAGS(["tf_ssl", f"--flagfile={path}", f"--workdir={tmp_path / 'work'}"])
+  yield parse_file
+  FLAGS.unparse_flags()
+
+
+def test_the_issue_configs_exist():
+  names = {_name(p) for p in CONFIGS}
+  for name in list(PUBLISHED) + ["simclr_fashion_mnist.cfg"]:
+    assert name in names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=_name)
+def test_header_gives_the_command_with_this_flagfile(path):
+  with open(path) as f:
+    assert f.readline().startswith("#"), "a config starts with its comment"
+  header = _header(path)
+  assert _entry_point(path) in ("train", "finetune"), (
+      f"{_name(path)}: the header needs the command, `python -m tf_ssl.<module> "
+      "--flagfile=...`")
+  assert f"--flagfile=configs/{_name(path)}" in header, (
+      f"{_name(path)}: the command in the header must name this file")
+  if _entry_point(path) == "train":
+    for word in ("hardware", "time", "result"):
+      assert word in header.lower(), f"{_name(path)}: the header says no {word}"
+
+
+def _pretrain_configs():
+  return [p for p in CONFIGS if _entry_point(p) == "train"]
+
+
+def _check_source_name(name, tmp_path):
+  """The dataset flag resolves to a source kind (and, for tfds, a dataset
+  tfds knows); missing data is fine, an unknown name is not."""
+  try:
+    sources.make_source(name, "train", str(tmp_path / "no_data"))
+  except FileNotFoundError:
+    pass  # The name resolved; the data is not on this machine.
+
+
+@pytest.mark.parametrize("path", _pretrain_configs(), ids=_name)
+def test_pretrain_config_builds_its_model_and_views(path, parse, tmp_path):
+  parse(path)
+  config = tf_ssl_flags.pretrain_config()
+  d, m = config.data, config.model
+
+  # Data spec: the source name resolves; the views are the trainer's.
+  _check_source_name(d.dataset, tmp_path)
+  views = augment.SimCLRAugment(
+      d.image_size, color_strength=d.color_strength, version=d.simclr_version,
+      blur=d.blur, crop_area=(d.crop_min_area, 1.0), num_views=d.num_views)
+  images = np.random.default_rng(0).integers(0, 256, (2, 40, 48, 3), np.uint8)
+  out = views.crop_batch(images, tf.constant([1, 2]))
+  assert out.shape == (2, d.num_views, d.image_size, d.image_size, 3)
+  assert 0.0 <= float(tf.reduce_min(out)) and float(tf.reduce_max(out)) <= 1.0
+  # RECIPES.md: blur at ImageNet resolution only, the small stem for <= 32 px.
+  assert views.blur == (d.image_size >= 96)
+  assert m.small_image_stem == (d.image_size <= 32)
+
+  # Model spec, built at the config's image size.
+  keras.backend.clear_session()
+  model = train.build_model(config, NUM_CLASSES[d.dataset])
+  endpoints = model(tf.zeros((1, d.image_size, d.image_size, 3)))
+  assert endpoints["features"].shape[-1] == FEATURE_WIDTH[m.backbone]
+  assert endpoints["projection"].shape[-1] == m.proj_dim
+  assert f"proj_{m.proj_layers}" in endpoints
+  assert f"proj_{m.proj_layers + 1}" not in endpoints
+  assert endpoints["probe_logits"].shape[-1] == NUM_CLASSES[d.dataset]
+
+  # The batch divides over the TPU cores the header names ("v3-32").
+  cores = re.search(r"TPU v\d+-(\d+)", _header(path))
+  if cores:
+    assert config.global_batch_size % int(cores.group(1)) == 0
+  keras.backend.clear_session()
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_pretrain_config_matches_the_published_recipe(name, parse):
+  parse(os.path.join(REPO, "configs", name))
+  config = tf_ssl_flags.pretrain_config()
+  values = dict(
+      dataset=config.data.dataset, backbone=config.model.backbone,
+      image_size=config.data.image_size,
+      global_batch_size=config.global_batch_size,
+      train_epochs=config.train_epochs, warmup_epochs=config.warmup_epochs,
+      weight_decay=config.weight_decay, temperature=config.temperature,
+      proj_layers=config.model.proj_layers,
+      color_strength=config.data.color_strength,
+      blur=augment.SimCLRAugment(config.data.image_size,
+                                 blur=config.data.blur).blur,
+      simclr_version=config.data.simclr_version,
+      crop_min_area=config.data.crop_min_area, method=config.method,
+      optimizer=config.optimizer)
+  peak = config.learning_rate
+  if config.lr_scaling != "none":
+    peak = optim.scale_learning_rate(peak, config.global_batch_size,
+                                     config.lr_scaling)
+  values["peak_lr"] = peak
+  for key, expected in PUBLISHED[name].items():
+    if isinstance(expected, float):
+      assert math.isclose(values[key], expected, rel_tol=1e-9), (name, key)
+    else:
+      assert values[key] == expected, (name, key)
+
+
+def _finetune_config_fn():
+  """The config function of tf_ssl.finetune, wherever it is defined."""
+  finetune = importlib.import_module("tf_ssl.finetune")
+  for module in (tf_ssl_flags, finetune):
+    fn = getattr(module, "finetune_config", None)
+    if fn is not None:
+      return fn
+  raise AssertionError("tf_ssl.finetune exists but no finetune_config() was "
+                       "found in tf_ssl.flags or tf_ssl.finetune")
+
+
+@pytest.mark.parametrize(
+    "path", [p for p in CONFIGS if _entry_point(p) == "finetune"] or [None],
+    ids=lambda p: _name(p) if p else "none")
+def test_finetune_config_parses(path, parse):
+  if path is None:
+    pytest.skip("no fine-tuning configs yet")
+  if importlib.util.find_spec("tf_ssl.finetune") is None:
+    pytest.skip("tf_ssl/finetune.py does not exist yet")
+  config_fn = _finetune_config_fn()  # Importing it defines its flags.
+  parse(path)
+  assert config_fn() is not None
