@@ -18,7 +18,6 @@ from tf_ssl import checkpoints
 from tf_ssl.models import bit
 
 KINDS = ("none", "checkpoint", "bit_npz", "saved_model")
-_PROJECTION_LAYER = re.compile(r"^(?:dense|batch_norm)_(\d+)/")
 
 
 def init_kind(init):
@@ -42,8 +41,10 @@ def init_kind(init):
     if gfile.exists(os.path.join(init, "saved_model.pb")):
       return "saved_model", init
     for directory in (init, os.path.join(init, "checkpoints")):
-      if gfile.isdir(directory) and tf.train.latest_checkpoint(directory):
-        return "checkpoint", tf.train.latest_checkpoint(directory)
+      if gfile.isdir(directory):
+        latest = _latest_checkpoint(directory)
+        if latest:
+          return "checkpoint", latest
   elif gfile.exists(init + ".index"):
     return "checkpoint", init
   raise ValueError(
@@ -53,11 +54,18 @@ def init_kind(init):
       "random initialisation.")
 
 
-def _projection_select(num_layers):
-  def select(name):
-    match = _PROJECTION_LAYER.match(name)
-    return bool(match) and int(match.group(1)) <= num_layers
-  return select
+def _latest_checkpoint(directory):
+  """The newest checkpoint in `directory`: from its "checkpoint" file (as
+  CheckpointManager writes), else the highest-numbered <name>-<N>.index."""
+  latest = tf.train.latest_checkpoint(directory)
+  if latest:
+    return latest
+  prefixes = [p[:-len(".index")] for p in
+              tf.io.gfile.glob(os.path.join(directory, "*.index"))]
+  numbered = [p for p in prefixes if re.search(r"-\d+$", p)]
+  if numbered:
+    return max(numbered, key=lambda p: int(p.rsplit("-", 1)[1]))
+  return prefixes[0] if len(prefixes) == 1 else None
 
 
 def _copy_matching(targets, saved, source, part, skip=lambda name: False):
@@ -100,16 +108,20 @@ def _copy_matching(targets, saved, source, part, skip=lambda name: False):
   return [(variable, saved[prefix + name]) for name, variable in targets.items()]
 
 
-def restore_from_saved_model(backbone, path, projection_head=None, proj_layers=0):
-  """Copies an exported tf_ssl model's variables into a fresh backbone.
+def restore_from_saved_model(backbone, path):
+  """Copies an exported tf_ssl model's backbone variables into `backbone`.
+
+  Variables are matched by name (the Keras path, e.g.
+  "resnet/block1/unit01/conv_1/conv2d/kernel", which a backbone keeps
+  wherever it is nested) and shape. Projection-head layers are not taken
+  from SavedModels: their saved names do not say which layer they belong to
+  (a head built inside another model files them as "<model>/kernel"); take
+  them from a checkpoint.
 
   Args:
     backbone: a built backbone of the exported architecture.
     path: a directory written by tf_ssl.export.export_saved_model (from a
-      backbone, a ContrastiveModel or a fine-tuned Classifier).
-    projection_head: optional built ProjectionHead whose first
-      `proj_layers` layers are copied too (needs a ContrastiveModel export).
-    proj_layers: see projection_head.
+      backbone, a ContrastiveModel) or by finetune.export_classifier.
 
   Returns:
     The number of variables copied.
@@ -123,37 +135,31 @@ def restore_from_saved_model(backbone, path, projection_head=None, proj_layers=0
   signatures = sorted(loaded.signatures.keys())
   if "serving_default" not in signatures:
     raise ValueError(
-        f"--init={path!r}: the SavedModel has no serving_default signature "
-        f"(signatures: {signatures}); export with tf_ssl.export.export_saved_model.")
+        f"the SavedModel has no serving_default signature (signatures: "
+        f"{signatures}); export with tf_ssl.export.export_saved_model.")
   outputs = sorted(loaded.signatures["serving_default"].structured_outputs)
   # A backbone or ContrastiveModel export serves "features"; a fine-tuned
   # classifier serves logits but keeps every endpoint in call_endpoint.
   if "features" not in outputs and not hasattr(loaded, "call_endpoint"):
     raise ValueError(
-        f"--init={path!r}: its serving_default signature returns {outputs}, no "
-        "'features' endpoint, and it has no call_endpoint; it is not a tf_ssl "
-        "export.")
+        f"its serving_default signature returns {outputs}, no 'features' "
+        "endpoint, and it has no call_endpoint; it is not a tf_ssl export.")
   variables = list(getattr(loaded, "variables", None) or [])
   if not variables:
-    raise ValueError(f"--init={path!r}: the SavedModel has no `variables` "
-                     "attribute to copy from; export with tf_ssl.export.")
-  saved = {v.name.rsplit(":", 1)[0]: v for v in variables}
+    raise ValueError("the SavedModel has no `variables` attribute to copy "
+                     "from; export with tf_ssl.export.")
+  saved, seen = {}, set()
+  for v in variables:
+    name = v.name.rsplit(":", 1)[0]
+    if name in seen:
+      saved.pop(name, None)  # Ambiguous: reported as missing if needed.
+    else:
+      saved[name] = v
+    seen.add(name)
   skip = lambda name: any(re.search(p, name) for p in checkpoints.BACKBONE_SKIP)
   targets = {n: v for n, v in checkpoints.variables_by_name(backbone).items()
              if not skip(n)}
   assignments = _copy_matching(targets, saved, path, "backbone", skip)
-  if proj_layers:
-    select = _projection_select(proj_layers)
-    head_targets = {n: v for n, v in
-                    checkpoints.variables_by_name(projection_head).items() if select(n)}
-    # Only the selected layers of the saved head are compared.
-    head_saved = {n: v for n, v in saved.items() if "projection_head/" in n and
-                  select(n.split("projection_head/", 1)[1])}
-    if not head_saved:
-      raise ValueError(f"--init={path!r}: the SavedModel has no projection_head "
-                       "variables; export the ContrastiveModel, not the backbone, "
-                       "or pass --finetune_proj_layers=0.")
-    assignments += _copy_matching(head_targets, head_saved, path, "projection_head")
   for variable, value in assignments:
     variable.assign(value)
   return len(assignments)
@@ -169,7 +175,7 @@ def load_init(backbone, init, projection_head=None, proj_layers=0,
     projection_head: a built ProjectionHead shaped like the pretrained one,
       when proj_layers > 0.
     proj_layers: how many leading projection layers to take from `init`
-      (checkpoint or ContrastiveModel SavedModel only).
+      (a checkpoint only).
     backbone_name: the flag value the backbone was built from, for messages.
 
   Returns:
@@ -180,9 +186,12 @@ def load_init(backbone, init, projection_head=None, proj_layers=0,
   """
   kind, path = init_kind(init)
   what = f"--backbone={backbone_name}" if backbone_name else backbone.name
-  if proj_layers and kind == "bit_npz":
-    raise ValueError(f"--init={init!r}: a BiT .npz has no projection head; pass "
-                     "--finetune_proj_layers=0.")
+  if proj_layers and kind in ("bit_npz", "saved_model"):
+    raise ValueError(
+        f"--init={init!r}: projection-head layers (--finetune_proj_layers="
+        f"{proj_layers}) come only from a tf_ssl checkpoint, not from a "
+        f"{'BiT .npz' if kind == 'bit_npz' else 'SavedModel'}; pass the "
+        "pretraining checkpoints or --finetune_proj_layers=0.")
   restored = 0
   try:
     if kind == "checkpoint":
@@ -196,7 +205,7 @@ def load_init(backbone, init, projection_head=None, proj_layers=0,
                          "not one (use e.g. --backbone=bit_r50x1).")
       restored = len(bit.load_bit_npz(backbone, path, head="drop"))
     elif kind == "saved_model":
-      restored = restore_from_saved_model(backbone, path, projection_head, proj_layers)
+      restored = restore_from_saved_model(backbone, path)
   except ValueError as e:
     raise ValueError(f"--init={init!r} does not fit {what}: {e}") from e
   return {"kind": kind, "path": path, "restored": restored}
