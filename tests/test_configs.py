@@ -215,11 +215,12 @@ def _finetune_config_fn():
 @pytest.mark.parametrize(
     "path", [p for p in CONFIGS if _entry_point(p) == "finetune"] or [None],
     ids=lambda p: _name(p) if p else "none")
-def test_finetune_config_parses(path, parse):
+def test_finetune_config_parses(path, parse, tmp_path):
   if path is None:
     pytest.skip("no fine-tuning configs yet")
   if importlib.util.find_spec("tf_ssl.finetune") is None:
     pytest.skip("tf_ssl/finetune.py does not exist yet")
-  config_fn = _finetune_config_fn()  # Importing it defines its flags.
+  config_fn = _finetune_config_fn()
   parse(path)
-  assert config_fn() is not None
+  config = config_fn()
+  _check_source_name(config.dataset, tmp_path)
