@@ -29,8 +29,9 @@ def training_curves(history_path, png_path, curves=CURVES):
     ax.set_title(name)
     ax.set_xlabel("step")
   fig.tight_layout()
-  with tf.io.gfile.GFile(png_path, "wb") as f:
+  with tf.io.gfile.GFile(png_path + ".tmp", "wb") as f:
     fig.savefig(f, format="png", dpi=100)
+  tf.io.gfile.rename(png_path + ".tmp", png_path, overwrite=True)
   plt.close(fig)
 
 

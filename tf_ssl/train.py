@@ -62,7 +62,9 @@ def build_optimizer(config, steps_per_epoch, total_steps):
   if config.optimizer == "lars":
     opt = optim.LARS(schedule, momentum=config.momentum, weight_decay=config.weight_decay)
   elif config.optimizer == "sgd":
-    opt = keras.optimizers.SGD(schedule, momentum=config.momentum)
+    opt = keras.optimizers.SGD(schedule, momentum=config.momentum,
+                               weight_decay=config.weight_decay or None)
+    opt.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
   else:
     opt = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
     opt.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
@@ -106,6 +108,15 @@ def knn_monitor(backbone, train_source, test_source, config, batch_size=256):
   return accuracy
 
 
+def write_text(path, text):
+  """Writes via a temporary file and a rename: atomic on local disks and GCS,
+  and a rewrite replaces the file (ram:// GFile "w" would append)."""
+  tmp = path + ".tmp"
+  with tf.io.gfile.GFile(tmp, "w") as f:
+    f.write(text)
+  tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
 def raw_pixels(images, training=False):
   del training
   return {"features": tf.reshape(images, [tf.shape(images)[0], -1])}
@@ -120,8 +131,7 @@ def main(argv):
   run = config.run
   t_start = time.time()
   tf.io.gfile.makedirs(run.workdir)
-  with tf.io.gfile.GFile(os.path.join(run.workdir, "flags.txt"), "w") as f:
-    f.write(tf_ssl_flags.flags_as_text())
+  write_text(os.path.join(run.workdir, "flags.txt"), tf_ssl_flags.flags_as_text())
   keras.utils.set_random_seed(run.seed)
   if run.mixed_precision:
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
@@ -192,7 +202,9 @@ def main(argv):
                            history_path=history_path),
   ]
   if config.eval_every_steps:
-    fit_callbacks.append(callbacks.KnnMonitor(
+    # Before Throughput, so its row of history.jsonl carries knn_top1 and the
+    # k-NN time does not count against images/s.
+    fit_callbacks.insert(2, callbacks.KnnMonitor(
         knn_monitor(model.backbone, train_source, test_source, config),
         optimizer.iterations, config.eval_every_steps, writer=writer))
   remaining = total_steps - start_step
@@ -225,8 +237,7 @@ def main(argv):
     for key, value in results.items():
       if key.endswith("top1"):
         tf.summary.scalar("eval/" + key, value)
-  with tf.io.gfile.GFile(os.path.join(run.workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=2)
+  write_text(os.path.join(run.workdir, "results.json"), json.dumps(results, indent=2))
   plots.training_curves(history_path, os.path.join(run.workdir, "training_curves.png"))
   print(json.dumps(results, indent=2))
 
