@@ -28,14 +28,48 @@ def _tpu_strategy(tpu):
   return tf.distribute.TPUStrategy(resolver)
 
 
+class _MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+  """MultiWorkerMirroredStrategy whose `reduce` takes what Keras 3 `fit` passes.
+
+  Keras 3.15's TensorFlow trainer calls `strategy.reduce` in two ways that
+  MirroredStrategy accepts and the collective strategy rejects, so `fit`
+  fails on two or more workers before its first step:
+  - it reduces the whole first batch, a dict here, to build the model
+    ("Attempt to convert a value ({'views': PerReplica...}) to a Tensor";
+    keras-team/keras#20329);
+  - it averages each scalar step output with axis=0 ("Invalid reduction
+    dimension 0 for input with 0 dimensions"; tensorflow/tensorflow#72388).
+  Here each leaf of a nest is reduced on its own, and a scalar (which has no
+  axis 0) is averaged over replicas only: what MirroredStrategy computes.
+  """
+
+  def reduce(self, reduce_op, value, axis=None):
+    parent = super()
+
+    def leaf(v):
+      local = self.experimental_local_results(v)[0]
+      scalar = tf.TensorShape(getattr(local, "shape", ())).rank == 0
+      return parent.reduce(reduce_op, v, axis=None if scalar else axis)
+
+    return tf.nest.map_structure(leaf, value)
+
+
 def get_strategy(name="auto", tpu=None):
   """Returns the tf.distribute strategy called `name`.
 
   Args:
     name: one of "default" (one device, no distribution), "mirrored" (all
       local GPUs, or the CPU), "multi_worker" (MultiWorkerMirroredStrategy;
-      the cluster comes from TF_CONFIG), "tpu" (TPUStrategy on `tpu`) or
+      the cluster comes from TF_CONFIG; creating it waits until every worker
+      has created it), "tpu" (TPUStrategy on `tpu`) or
       "auto" (a TPU if one answers, else every local GPU, else the default).
+      With "multi_worker", a worker that dies is noticed by TensorFlow's
+      coordination service (10 s heartbeat timeout in TF 2.21) or by the
+      broken connection of a collective: the others raise
+      tf.errors.UnavailableError naming the dead task, within 5-20 s
+      measured (tests/test_multi_worker.py), instead of waiting forever.
+      A worker that never starts keeps the others waiting in this call (TF's
+      start-up barrier gives up after one hour).
     tpu: the TPU to connect to for "tpu" and "auto": "local" on a TPU VM, a
       TPU name, or a grpc:// address. None means "local".
 
@@ -53,7 +87,7 @@ def get_strategy(name="auto", tpu=None):
   if name == "mirrored":
     return tf.distribute.MirroredStrategy()
   if name == "multi_worker":
-    return tf.distribute.MultiWorkerMirroredStrategy()
+    return _MultiWorkerMirroredStrategy()
   if name == "tpu":
     return _tpu_strategy(tpu)
   # auto
