@@ -125,3 +125,18 @@ def test_config_round_trip():
   clone = resnet.ResNet.from_config(model.get_config())
   assert clone.get_config() == model.get_config()
   assert n_params(clone) == n_params(model)
+
+
+def test_kernels_of_the_same_shape_start_different_and_reproducibly():
+  import keras  # pylint: disable=g-import-not-at-top
+  def block1_kernels():
+    keras.utils.set_random_seed(3)
+    model = resnet.resnet(18, cifar_stem=True)
+    return [np.asarray(v) for v in model.variables
+            if v.path.startswith("resnet/block1/") and v.path.endswith("kernel")]
+  first, again = block1_kernels(), block1_kernels()
+  assert len(first) == 4  # two units x two 3x3 64->64 convolutions
+  for i in range(1, 4):
+    assert not np.allclose(first[0], first[i]), "shared initializer seed"
+  for a, b in zip(first, again):
+    np.testing.assert_array_equal(a, b)
