@@ -28,9 +28,15 @@ BLOCK_UNITS = {
     200: ("bottleneck", (3, 24, 36, 3)),
 }
 BN_EPSILON = 1e-5
-# He init on fan-out (He et al. 2015; torchvision and most ResNet ports).
-_KERNEL_INIT = keras.initializers.VarianceScaling(2.0, "fan_out",
-                                                  "untruncated_normal")
+
+
+def _kernel_init():
+  """He init on fan-out (He et al. 2015; torchvision and most ResNet ports).
+
+  A new initializer per convolution: one shared unseeded instance gets one
+  seed at creation, so every kernel of the same shape would start identical.
+  """
+  return keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal")
 
 
 def _with_channels(shape, channels):
@@ -51,7 +57,7 @@ class _ConvBN(keras.layers.Layer):
     self.conv = keras.layers.Conv2D(
         filters, kernel_size, strides=strides,
         padding="same" if strides == 1 else "valid", use_bias=False,
-        kernel_initializer=_KERNEL_INIT, name="conv2d")
+        kernel_initializer=_kernel_init(), name="conv2d")
     self.bn = keras.layers.BatchNormalization(
         gamma_initializer="zeros" if zero_gamma else "ones",
         name="batch_norm", **bn)
