@@ -133,3 +133,23 @@ def cross_replica_concat(x):
   if ctx is None or ctx.num_replicas_in_sync == 1:
     return x
   return ctx.all_gather(x, axis=0)
+
+
+def worker_info(strategy):
+  """(is_chief, task_id) of this process in a multi-worker cluster.
+
+  Single-process strategies are always the chief. In a TF_CONFIG cluster the
+  chief is task "chief" if the cluster has one, else worker 0 (the
+  MultiWorkerMirroredStrategy convention): only it writes summaries, results
+  and the final checkpoints; the other workers take part in every save (a
+  save reads variables collectively) but write into scratch directories.
+  """
+  resolver = getattr(strategy, "cluster_resolver", None)
+  task_type = getattr(resolver, "task_type", None)
+  if not task_type:
+    return True, 0
+  task_id = int(resolver.task_id or 0)
+  has_chief = "chief" in resolver.cluster_spec().as_dict()
+  is_chief = task_type == "chief" or (not has_chief and task_type == "worker"
+                                      and task_id == 0)
+  return is_chief, task_id

@@ -130,8 +130,6 @@ def main(argv):
     raise app.UsageError(str(e)) from None
   run = config.run
   t_start = time.time()
-  tf.io.gfile.makedirs(run.workdir)
-  write_text(os.path.join(run.workdir, "flags.txt"), tf_ssl_flags.flags_as_text())
   keras.utils.set_random_seed(run.seed)
   if run.mixed_precision:
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
@@ -139,6 +137,15 @@ def main(argv):
   # ---------------------------------------------------------------- strategy
   strategy = distribute.get_strategy(run.strategy, run.tpu)
   replicas = strategy.num_replicas_in_sync
+  # Multi-worker: every worker runs this whole function (saves read
+  # variables collectively), but only the chief writes to --workdir; the
+  # others write into a scratch directory deleted at the end.
+  is_chief, task_id = distribute.worker_info(strategy)
+  own_dir = run.workdir if is_chief else os.path.join(
+      run.workdir, "tmp", f"worker{task_id}")
+  tf.io.gfile.makedirs(own_dir)
+  if is_chief:
+    write_text(os.path.join(run.workdir, "flags.txt"), tf_ssl_flags.flags_as_text())
   if config.global_batch_size % replicas:
     raise app.UsageError(
         f"--global_batch_size={config.global_batch_size} is not divisible by the "
@@ -176,23 +183,25 @@ def main(argv):
   # tf.train.Checkpoint(model=...) misses layers Keras 3 keeps in lists.
   checkpoint = checkpoints.make_checkpoint(model, optimizer)
   manager = tf.train.CheckpointManager(
-      checkpoint, os.path.join(run.workdir, "checkpoints"),
+      checkpoint, os.path.join(own_dir, "checkpoints"),
       max_to_keep=run.keep_checkpoints)
-  if manager.latest_checkpoint:
-    checkpoint.read(manager.latest_checkpoint).assert_existing_objects_matched()
-    logging.info("Resumed from %s", manager.latest_checkpoint)
+  latest = tf.train.latest_checkpoint(os.path.join(run.workdir, "checkpoints"))
+  if latest:  # Every worker resumes from the chief's checkpoint.
+    checkpoint.read(latest).assert_existing_objects_matched()
+    logging.info("Resumed from %s", latest)
   start_step = int(optimizer.iterations.numpy())
 
   # -------------------------------------------------------------------- train
-  writer = tf.summary.create_file_writer(os.path.join(run.workdir, "summaries"))
+  writer = (tf.summary.create_file_writer(os.path.join(run.workdir, "summaries"))
+            if is_chief else tf.summary.create_noop_writer())
   test_source = sources.make_source(d.dataset, d.eval_split, d.data_dir)
-  if start_step == 0:
+  if start_step == 0 and is_chief:
     sample = pipeline.build_pretrain(train_source, 8, views, seed=run.seed,
                                      cache=False, shuffle_buffer=0)
     plots.write_view_grid(writer, next(iter(sample))["views"], step=0)
   saver = callbacks.CheckpointAndPreemption(manager, optimizer.iterations,
                                             run.checkpoint_every_steps)
-  history_path = os.path.join(run.workdir, "history.jsonl")
+  history_path = os.path.join(own_dir, "history.jsonl")
   fit_callbacks = [
       callbacks.NonFiniteGuard(optimizer.iterations),
       callbacks.StopAtStep(optimizer.iterations, total_steps),
@@ -237,14 +246,16 @@ def main(argv):
     for key, value in results.items():
       if key.endswith("top1"):
         tf.summary.scalar("eval/" + key, value)
-  write_text(os.path.join(run.workdir, "results.json"), json.dumps(results, indent=2))
-  plots.training_curves(history_path, os.path.join(run.workdir, "training_curves.png"))
+  write_text(os.path.join(own_dir, "results.json"), json.dumps(results, indent=2))
+  plots.training_curves(history_path, os.path.join(own_dir, "training_curves.png"))
   print(json.dumps(results, indent=2))
 
   # ------------------------------------------------------------------- export
   if config.export:
     from tf_ssl import export  # pylint: disable=g-import-not-at-top
-    export.export_saved_model(model, os.path.join(run.workdir, "saved_model"))
+    export.export_saved_model(model, os.path.join(own_dir, "saved_model"))
+  if not is_chief:
+    tf.io.gfile.rmtree(own_dir)
 
 
 if __name__ == "__main__":
