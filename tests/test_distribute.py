@@ -63,3 +63,45 @@ def test_concat_gradient_reaches_the_producing_replica(strategy):
 def test_no_local_tpu_names_the_flag():
   with pytest.raises(ValueError, match="--strategy=tpu"):
     distribute.get_strategy("tpu", tpu="local")
+
+
+def test_single_process_strategies_are_the_chief(strategy_2):
+  assert distribute.worker_info(tf.distribute.get_strategy()) == (True, 0)
+  assert distribute.worker_info(distribute.get_strategy("default")) == (True, 0)
+  # A MirroredStrategy built without TF_CONFIG: one process, no cluster.
+  assert distribute.worker_info(strategy_2) == (True, 0)
+
+
+class _FakeResolver:
+  """The part of a TFConfigClusterResolver that worker_info reads."""
+
+  def __init__(self, task_type, task_id, cluster):
+    self.task_type, self.task_id = task_type, task_id
+    self._cluster = cluster
+
+  def cluster_spec(self):
+    return tf.train.ClusterSpec(self._cluster)
+
+
+class _FakeStrategy:
+
+  def __init__(self, task_type, task_id, cluster):
+    self.cluster_resolver = _FakeResolver(task_type, task_id, cluster)
+
+
+WORKERS = {"worker": ["localhost:1", "localhost:2"]}
+WITH_CHIEF = {"chief": ["localhost:0"], **WORKERS}
+
+
+@pytest.mark.parametrize("task_type, task_id, cluster, expected", [
+    ("worker", 0, WORKERS, (True, 0)),     # no "chief" task: worker 0 is it
+    ("worker", 1, WORKERS, (False, 1)),
+    ("chief", 0, WITH_CHIEF, (True, 0)),
+    ("worker", 0, WITH_CHIEF, (False, 0)),  # a "chief" task exists
+    ("worker", 1, WITH_CHIEF, (False, 1)),
+    (None, None, {}, (True, 0)),            # a resolver without a task
+], ids=["worker0", "worker1", "chief", "worker0_with_chief",
+        "worker1_with_chief", "no_task"])
+def test_worker_info_chief_convention(task_type, task_id, cluster, expected):
+  fake = _FakeStrategy(task_type, task_id, cluster)
+  assert distribute.worker_info(fake) == expected
