@@ -209,21 +209,25 @@ def _numpy_topk(logits, labels, k):
 def test_evaluate_counts_every_example_once(strategy):
   """37 examples (3 unlabelled), batches of 8 over 1/2/4 replicas: padding
   and unlabelled rows never count; equals NumPy on the model's logits."""
-  images, labels = _arrays(37, seed=3, classes=12, unlabelled=3)
-  source = sources.from_arrays(images, labels, 12)
+  images, _ = _arrays(37, seed=3, classes=12)
   with strategy.scope():
     model = build_classifier(build_backbone("resnet18", small_image_stem=True), 12,
                              zero_init_head=False)
   _randomise(model.head, 4)
   view = lambda r: augment.eval_view(r, SIZE)
-  got = finetune.evaluate(model, strategy, source, 8, view, SIZE)
   x = np.stack([view({"image": tf.constant(i)}).numpy() for i in images])
   logits = model(x, training=False)["logits"].numpy()
+  # Labels chosen from the logits so that every outcome occurs: a top-1 hit,
+  # a top-5 hit that is not top-1, a miss; and three unlabelled rows.
+  order = np.argsort(-logits, axis=1, kind="stable")
+  labels = order[np.arange(37), np.arange(37) % 3 * 4]  # ranks 0, 4, 8
+  labels[:3] = -1
+  source = sources.from_arrays(images, labels, 12)
+  got = finetune.evaluate(model, strategy, source, 8, view, SIZE)
   top1, top5, count = _numpy_topk(logits, labels, 5)
   assert got["eval_examples"] == count == 34
-  assert got["top1"] == pytest.approx(top1)
-  assert got["top5"] == pytest.approx(top5)
-  assert 0 < top1 < top5 < 1  # the check is not vacuous
+  assert got["top1"] == pytest.approx(top1) and top1 == pytest.approx(12 / 34)
+  assert got["top5"] == pytest.approx(top5) and top5 == pytest.approx(23 / 34)
 
 
 def _fit(model, steps=3, mixup=False):
@@ -327,9 +331,12 @@ def test_linear_run_from_checkpoint_keeps_the_backbone(pretrained_model, tmp_pat
   config = _config(mode="linear", backbone="resnet18", init=pretrained_model["checkpoint_dir"],
                    finetune_proj_layers=1, proj_layers=3, proj_hidden_dim=32, proj_dim=8,
                    workdir=str(tmp_path / "linear"), train_steps=4)
-  results = finetune.run_finetune(config, train_source=_source(32, 2),
-                                  eval_source=_source(13, 3), verbose=0)
+  results, model = finetune.run_finetune(config, train_source=_source(32, 2),
+                                         eval_source=_source(13, 3), verbose=0,
+                                         return_model=True)
   assert results["init"]["kind"] == "checkpoint" and results["eval_examples"] == 13
+  assert results["saved_model"] == str(tmp_path / "linear" / "saved_model")
+  _assert_same(_values(model.backbone), _values(pretrained_model["model"].backbone))
   backbone, _ = _fresh(proj=False)
   info = pretrained.load_init(backbone, str(tmp_path / "linear" / "saved_model"))
   assert info["kind"] == "saved_model"

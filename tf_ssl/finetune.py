@@ -306,7 +306,7 @@ def _resume_or_init(config, model, checkpoint, manager):
 
 
 def run_finetune(config, strategy=None, train_source=None, eval_source=None,
-                 verbose=None):
+                 verbose=None, return_model=False):
   """One fine-tuning run: train, evaluate, and (with a workdir) save.
 
   Args:
@@ -317,11 +317,14 @@ def run_finetune(config, strategy=None, train_source=None, eval_source=None,
       config.dataset (read them once with load_sources for many runs); the
       label subset of the config is still taken from train_source.
     verbose: Keras progress (0, 1, 2); None: a bar on a terminal, else lines.
+    return_model: also return the trained Classifier (e.g. to embed images
+      with its "features" / "pre_logits" endpoints).
 
   Returns:
     The results dict ("top1", "top5", "eval_examples", "train_steps",
-    "init", the plan, timings; {"preempted": True, ...} when SIGTERM stopped
-    the run). With config.workdir it is also written to results.json,
+    "init", the plan, timings, "saved_model" when exported; {"preempted":
+    True, ...} when SIGTERM stopped the run), or (results, model) with
+    return_model. With config.workdir the results also go to results.json,
     checkpoints resume, TensorBoard summaries and history.jsonl are
     written, and with config.export the classifier goes to saved_model/.
   """
@@ -330,7 +333,9 @@ def run_finetune(config, strategy=None, train_source=None, eval_source=None,
   keras.mixed_precision.set_global_policy(
       "mixed_bfloat16" if config.mixed_precision else "float32")
   try:
-    return _run(config, strategy, train_source, eval_source, verbose, t_start)
+    results, model = _run(config, strategy, train_source, eval_source, verbose,
+                          t_start)
+    return (results, model) if return_model else results
   finally:
     keras.mixed_precision.set_global_policy(previous_policy)
 
@@ -412,7 +417,7 @@ def _run(config, strategy, train_source, eval_source, verbose, t_start):
   step = int(optimizer.iterations.numpy())
   if saver is not None and saver.preempted:
     logging.warning("Preempted at step %d; rerun the same command to resume.", step)
-    return {"preempted": True, "train_steps": step}
+    return {"preempted": True, "train_steps": step}, model
   train_seconds = time.time() - t_start
 
   # --------------------------------------------------------------- evaluation
@@ -428,6 +433,8 @@ def _run(config, strategy, train_source, eval_source, verbose, t_start):
       final_train_accuracy=last_logs.get("accuracy"),
       train_seconds=round(train_seconds, 1),
       wall_seconds=round(time.time() - t_start, 1))
+  if workdir and config.export:
+    results["saved_model"] = os.path.join(workdir, "saved_model")
   if workdir:
     with writer.as_default(step=step):
       tf.summary.scalar("eval/top1", results["top1"])
@@ -438,8 +445,8 @@ def _run(config, strategy, train_source, eval_source, verbose, t_start):
     plots.training_curves(history_path, os.path.join(workdir, "training_curves.png"),
                           curves=CURVES)
     if config.export:
-      export_classifier(model, os.path.join(workdir, "saved_model"))
-  return results
+      export_classifier(model, results["saved_model"])
+  return results, model
 
 
 def main(argv):
