@@ -1,7 +1,7 @@
 """Starting points for fine-tuning: tf_ssl checkpoints, BiT .npz, SavedModels.
 
-`load_init(backbone, init)` fills a freshly built backbone (and optionally
-the leading layers of a projection head) from whichever of these `init`
+`load_init(backbone, init)` fills a freshly built backbone (and, from a
+checkpoint, the leading layers of a projection head) from whichever `init`
 names; `init_kind(init)` says which it is. Every load is all-or-nothing:
 each target variable must find a value of its shape and each source value
 of the selected part a target, otherwise nothing is assigned and one
