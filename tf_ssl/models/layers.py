@@ -9,6 +9,7 @@ numbers loses too many mantissa bits to be trusted.
 
 import keras
 from keras import ops
+import tensorflow as tf
 
 # RECIPES.md: GN uses 32 groups and eps 1e-5 (Keras' own default is 1e-3, which
 # would silently change released BiT weights' outputs).
@@ -109,3 +110,63 @@ def symmetric_pad(x, pad):
   if pad == 0:
     return x
   return ops.pad(x, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
+
+
+@keras.saving.register_keras_serializable(package="tf_ssl")
+class BatchNorm(keras.layers.BatchNormalization):
+  """keras.layers.BatchNormalization computed by TensorFlow's fused kernel.
+
+  Same arguments, variables (gamma, beta, moving_mean, moving_variance) and
+  results as the Keras layer, which it falls back to where the fused kernel
+  does not apply. Keras 3 writes batch normalisation as separate moments,
+  normalise and scale ops: about ten passes over each activation forward and
+  backward, which made BN a large share of the CPU train step. On NHWC
+  feature maps this layer runs one FusedBatchNormV3 instead (one oneDNN
+  kernel forward, one backward; also lowered by XLA). Statistics stay float32
+  under mixed bfloat16, as in the Keras layer.
+
+  The fused kernel only sees the local batch, so a synchronized BN on more
+  than one replica keeps the Keras path (statistics all-reduced across
+  replicas); on one replica that all-reduce is the identity and the fused
+  kernel computes the same statistics.
+
+  Args: those of keras.layers.BatchNormalization.
+  """
+
+  def _fusable(self, inputs, mask):
+    if (mask is not None or self.renorm or len(inputs.shape) != 4 or
+        self.axis not in (-1, 3) or
+        self.compute_dtype not in ("float32", "bfloat16", "float16")):
+      return False
+    return not self.synchronized or tf.distribute.get_strategy().num_replicas_in_sync == 1
+
+  def call(self, inputs, training=None, mask=None):
+    if not self._fusable(inputs, mask):
+      return super().call(inputs, training=training, mask=mask)
+    x = tf.cast(inputs, self.compute_dtype)
+    channels = x.shape[-1]
+    gamma = (tf.cast(self.gamma, tf.float32) if self.scale
+             else tf.ones([channels], tf.float32))
+    beta = (tf.cast(self.beta, tf.float32) if self.center
+            else tf.zeros([channels], tf.float32))
+    if training and self.trainable:
+      y, mean, variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+          x=x, scale=gamma, offset=beta, mean=tf.zeros([0]),
+          variance=tf.zeros([0]), epsilon=self.epsilon, data_format="NHWC",
+          is_training=True)
+      # The kernel returns the Bessel-corrected variance; the Keras layer
+      # averages the biased one (the one it normalises with) into
+      # moving_variance.
+      count = tf.cast(tf.size(x, out_type=tf.int64) // channels, tf.float32)
+      variance *= (count - 1.0) / tf.maximum(count, 1.0)
+      momentum = self.momentum
+      self.moving_mean.assign(self.moving_mean * momentum + mean * (1.0 - momentum))
+      self.moving_variance.assign(
+          self.moving_variance * momentum + variance * (1.0 - momentum))
+    else:
+      y, _, _, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+          x=x, scale=gamma, offset=beta,
+          mean=tf.cast(self.moving_mean, tf.float32),
+          variance=tf.cast(self.moving_variance, tf.float32),
+          epsilon=self.epsilon, data_format="NHWC", is_training=False)
+    return y

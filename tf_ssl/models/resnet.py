@@ -16,7 +16,7 @@ import keras
 from keras import ops
 
 from tf_ssl.models import heads
-from tf_ssl.models.layers import symmetric_pad
+from tf_ssl.models.layers import BatchNorm, symmetric_pad
 
 # depth -> (block type, units per block); RECIPES.md, "SimCLR models".
 BLOCK_UNITS = {
@@ -58,7 +58,7 @@ class _ConvBN(keras.layers.Layer):
         filters, kernel_size, strides=strides,
         padding="same" if strides == 1 else "valid", use_bias=False,
         kernel_initializer=_kernel_init(), name="conv2d")
-    self.bn = keras.layers.BatchNormalization(
+    self.bn = BatchNorm(
         gamma_initializer="zeros" if zero_gamma else "ones",
         name="batch_norm", **bn)
 
