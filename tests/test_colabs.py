@@ -14,13 +14,12 @@ import os
 import re
 import sys
 
+from ipykernel import kernelspec
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import KernelManager
+import nbclient
+import nbformat
 import pytest
-
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-from ipykernel import kernelspec  # pylint: disable=g-import-not-at-top
-from jupyter_client.kernelspec import KernelSpecManager  # pylint: disable=g-import-not-at-top
-from jupyter_client.manager import KernelManager  # pylint: disable=g-import-not-at-top
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLABS = os.path.join(REPO, "colabs")
