@@ -217,3 +217,21 @@ def test_tfsm_layer_helper_uses_both_endpoints(exports):
     np.testing.assert_allclose(
         layer(images, training=mode == "training")["features"].numpy(),
         ref[f"{mode}/2x16/features"], rtol=1e-4, atol=1e-4)
+
+
+def test_tfsm_layer_helper_trains_with_stateful_optimizers(exports):
+  # Stock TFSMLayer weights are named "...kernel:0", which breaks the slot
+  # names of SGD momentum and Adam ("not a valid scope name").
+  import keras  # pylint: disable=g-import-not-at-top
+  layer = export.tfsm_layer(exports["backbone"]["path"])
+  inputs = keras.Input((16, 16, 3))
+  model = keras.Model(inputs, keras.layers.Dense(3)(layer(inputs)["features"]))
+  before = [w.numpy().copy() for w in layer.trainable_weights]
+  model.compile(keras.optimizers.SGD(0.01, momentum=0.9),
+                keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+  rng = np.random.default_rng(0)
+  model.fit(rng.uniform(size=(4, 16, 16, 3)).astype("float32"),
+            rng.integers(0, 3, size=4), epochs=1, verbose=0)
+  assert all(":" not in w.name for w in layer.weights)
+  assert any(not np.array_equal(b, w.numpy())
+             for b, w in zip(before, layer.trainable_weights))

@@ -141,6 +141,21 @@ def export_saved_model(model, path):
   return path
 
 
+class _TFSMLayer(keras.layers.TFSMLayer):
+  """TFSMLayer whose weights are named without the ":0" of TF variable names.
+
+  Keras names optimizer slots after the variable, and "kernel:0_momentum" is
+  not a valid scope name, so stock TFSMLayer weights cannot be trained with
+  SGD momentum or Adam. The weights stay the loaded variables themselves.
+  """
+
+  def _add_existing_weight(self, weight):
+    self._track_variable(keras.Variable(
+        initializer=weight, trainable=weight.trainable, dtype=weight.dtype,
+        shape=weight.shape,
+        name=weight.name.split(":")[0].replace("/", "_")))
+
+
 def tfsm_layer(path, **kwargs):
   """keras.layers.TFSMLayer on an exported model, training endpoint included.
 
@@ -153,6 +168,5 @@ def tfsm_layer(path, **kwargs):
     the training-mode function (BN batch statistics) when called with
     training=True, e.g. inside model.fit.
   """
-  return keras.layers.TFSMLayer(path, call_endpoint="call_endpoint",
-                                call_training_endpoint="call_training_endpoint",
-                                **kwargs)
+  return _TFSMLayer(path, call_endpoint="call_endpoint",
+                    call_training_endpoint="call_training_endpoint", **kwargs)

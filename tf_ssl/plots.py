@@ -3,10 +3,9 @@ and the augmented views as a TensorBoard image grid."""
 
 import json
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+# A Figure without pyplot renders with Agg and leaves the global backend
+# alone, so importing tf_ssl in a notebook keeps its inline plots.
+from matplotlib.figure import Figure
 import numpy as np
 import tensorflow as tf
 
@@ -22,7 +21,8 @@ def training_curves(history_path, png_path, curves=CURVES):
   curves = [c for c in curves if any(c in r for r in rows)]
   if not curves:
     return
-  fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3), squeeze=False)
+  fig = Figure(figsize=(4 * len(curves), 3))
+  axes = fig.subplots(1, len(curves), squeeze=False)
   for ax, name in zip(axes[0], curves):
     points = [(r["step"], r[name]) for r in rows if name in r]
     ax.plot(*zip(*points))
@@ -32,7 +32,6 @@ def training_curves(history_path, png_path, curves=CURVES):
   with tf.io.gfile.GFile(png_path + ".tmp", "wb") as f:
     fig.savefig(f, format="png", dpi=100)
   tf.io.gfile.rename(png_path + ".tmp", png_path, overwrite=True)
-  plt.close(fig)
 
 
 def view_grid(views, max_images=8):
