@@ -5,9 +5,12 @@ LARS) through tf_ssl.distribute.get_strategy("multi_worker"), each on its
 half of every global batch; this process trains the same model on the whole
 batches with no strategy. The per-step losses must agree. Then one worker is
 SIGKILLed mid-training and the other must fail with an error naming it
-instead of waiting for it forever.
+instead of waiting for it forever. Last, `python -m tf_ssl.train` runs as two
+workers sharing one --workdir: only the chief writes there, and a rerun with
+more steps resumes both workers from the chief's checkpoint.
 """
 
+import glob
 import json
 import os
 import signal
@@ -182,3 +185,134 @@ def test_dead_worker_stops_the_other(cluster):
   # it breaks first; both raise UnavailableError naming the task.
   assert "UnavailableError" in output, output[-3000:]
   assert "/job:worker/replica:0/task:1" in output, output[-3000:]
+
+
+# ------------------------------------------------- the trainer on two workers
+# A hang guard per run of both workers, not a timing assertion: each run
+# takes about 40 s on a quiet 2-core machine and up to 6 min at load 11.
+TRAIN_TIMEOUT = 900
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+  """32 16-px PNGs in two classes, as in tests/test_train.py."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("images")
+  rng = np.random.default_rng(0)
+  for label in range(2):
+    os.makedirs(root / f"class{label}")
+    for i in range(16):
+      pixels = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+      pixels[..., label] = 255
+      Image.fromarray(pixels).save(root / f"class{label}" / f"{i}.png")
+  return str(root)
+
+
+def _trainer_flags():
+  import test_train  # pylint: disable=g-import-not-at-top
+  return [f for f in test_train.TINY
+          if not f.startswith(("--strategy=", "--export="))]
+
+
+def _train_on_two_workers(workdir, folder, logs, *extra):
+  """Runs `python -m tf_ssl.train` as workers 0 and 1 of one TF_CONFIG
+  cluster until both exit; fails, after killing both, if either fails or the
+  pair outlives TRAIN_TIMEOUT. Returns ([pid], [merged stdout+stderr])."""
+  ports = _free_ports(2)
+  procs, paths = [], []
+  try:
+    for i in range(2):
+      tf_config = {"cluster": {"worker": [f"localhost:{p}" for p in ports]},
+                   "task": {"type": "worker", "index": i}}
+      env = dict(os.environ, TF_CONFIG=json.dumps(tf_config),
+                 CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
+      paths.append(logs / f"worker{i}.log")
+      with open(paths[-1], "w") as log:  # The child keeps its own descriptor.
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "tf_ssl.train", f"--workdir={workdir}",
+             f"--dataset=folder:{folder}", *_trainer_flags(),
+             "--strategy=multi_worker", *extra],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+    deadline = time.time() + TRAIN_TIMEOUT
+    # A worker that fails leaves the other waiting for it (up to an hour at
+    # start-up), so stop at the first failure rather than at the deadline.
+    while time.time() < deadline and any(p.poll() is None for p in procs):
+      if any(p.poll() not in (None, 0) for p in procs):
+        break
+      time.sleep(0.5)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+      p.wait()
+  outputs = [path.read_text() for path in paths]
+  for i, (p, output) in enumerate(zip(procs, outputs)):
+    assert p.returncode == 0, (
+        f"worker {i} exited with {p.returncode} (-9: killed after a peer failed "
+        f"or after {TRAIN_TIMEOUT} s):\n{output[-4000:]}")
+  return [p.pid for p in procs], outputs
+
+
+def _checkpoint_steps(directory):
+  return sorted(int(p.rsplit("-", 1)[1].split(".")[0])
+                for p in glob.glob(os.path.join(directory, "ckpt-*.index")))
+
+
+def _summary_tags(path):
+  tags = set()
+  for event in tf.compat.v1.train.summary_iterator(path):
+    tags.update(value.tag for value in event.summary.value)
+  return tags
+
+
+def test_trainer_on_two_workers_writes_once_and_resumes(tmp_path, image_folder):
+  workdir = tmp_path / "run"
+  scratch = workdir / "tmp" / "worker1"
+  t0 = time.time()
+  pids, outputs = _train_on_two_workers(
+      workdir, image_folder, tmp_path, "--train_steps=4",
+      "--checkpoint_every_steps=2", "--export=true")
+  first_run = time.time() - t0
+
+  # Only the chief (worker 0, no "chief" task) wrote to --workdir.
+  assert _checkpoint_steps(workdir / "checkpoints") == [2, 4]
+  results = json.loads((workdir / "results.json").read_text())
+  assert results["train_steps"] == 4
+  for key in ("knn_top1", "linear_top1"):
+    assert 0.0 <= results[key] <= 1.0, results
+  flags_text = (workdir / "flags.txt").read_text()
+  assert "--strategy=multi_worker" in flags_text and "--train_steps=4" in flags_text
+  assert (workdir / "training_curves.png").exists()
+  assert (workdir / "saved_model" / "saved_model.pb").exists()
+  # TensorFlow names an event file after the writing process: one file, the
+  # chief's, with the view grid, training scalars and the final evaluation.
+  [events] = glob.glob(str(workdir / "summaries" / "events.*"))
+  assert f".{pids[0]}." in os.path.basename(events), events
+  assert {"views", "loss", "learning_rate", "eval/knn_top1"} <= _summary_tags(events)
+  history = [json.loads(l) for l in (workdir / "history.jsonl").read_text().splitlines()]
+  assert [row["step"] for row in history] == [1, 2, 3, 4]
+  # Worker 1 took part in every save and the export, into its scratch
+  # directory, and deleted it at the end.
+  assert f"{scratch}/checkpoints/ckpt-4" in outputs[1], outputs[1][-3000:]
+  assert f"{scratch}/saved_model" in outputs[1], outputs[1][-3000:]
+  assert not scratch.exists(), os.listdir(scratch)
+  assert "Resumed" not in outputs[0] + outputs[1]
+
+  # Rerun with more steps: both workers resume from the chief's step 4.
+  t0 = time.time()
+  pids, outputs = _train_on_two_workers(
+      workdir, image_folder, tmp_path, "--train_steps=6",
+      "--checkpoint_every_steps=2", "--export=false")
+  second_run = time.time() - t0
+  for i, output in enumerate(outputs):
+    assert f"Resumed from {workdir}/checkpoints/ckpt-4" in output, (
+        f"worker {i}:\n{output[-3000:]}")
+  assert _checkpoint_steps(workdir / "checkpoints") == [2, 4, 6]
+  assert json.loads((workdir / "results.json").read_text())["train_steps"] == 6
+  history = [json.loads(l) for l in (workdir / "history.jsonl").read_text().splitlines()]
+  assert [row["step"] for row in history] == [1, 2, 3, 4, 5, 6], "steps 5-6 appended"
+  assert len(glob.glob(str(workdir / "summaries" / f"events.*.{pids[0]}.*"))) == 1
+  assert len(glob.glob(str(workdir / "summaries" / "events.*"))) == 2
+  assert not scratch.exists(), os.listdir(scratch)
+  print(f"\ntwo-worker trainer: {first_run:.0f} s for 4 steps with export, "
+        f"{second_run:.0f} s to resume to step 6")
