@@ -409,7 +409,8 @@ def _run(config, strategy, train_source, eval_source, verbose, t_start):
     chunk = min(total_steps, max(50, -(-train_source.num_examples //
                                        config.global_batch_size)))
     history = model.fit(
-        train_data, steps_per_epoch=chunk, initial_epoch=start_step // chunk,
+        train_data, steps_per_epoch=chunk, shuffle=False,  # tf.data shuffles
+        initial_epoch=start_step // chunk,
         epochs=start_step // chunk + int(math.ceil(remaining / chunk)),
         callbacks=fit_callbacks,
         verbose=(1 if sys.stdout.isatty() else 2) if verbose is None else verbose)

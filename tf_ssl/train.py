@@ -219,7 +219,7 @@ def main(argv):
   remaining = total_steps - start_step
   if remaining > 0:
     chunk = min(steps_per_epoch, total_steps)
-    model.fit(train_data, steps_per_epoch=chunk,
+    model.fit(train_data, steps_per_epoch=chunk, shuffle=False,
               initial_epoch=start_step // chunk,
               epochs=start_step // chunk + int(math.ceil(remaining / chunk)),
               callbacks=fit_callbacks, verbose=1 if sys.stdout.isatty() else 2)

@@ -146,29 +146,12 @@ def steps_for(examples, batch_size, epochs, min_steps, max_steps):
 
 
 # ------------------------------------------------------------------ linear
-class _LabelsOnly:
-  """Stands in for a Source in subsets.label_subset to learn which record
-  indices it picks: the choice depends only on the labels and the seed, and
-  it hands the sorted indices to take()."""
-
-  name = "train labels"
-
-  def __init__(self, labels):
-    self._labels = labels
-
-  def labels(self):
-    return self._labels
-
-  def take(self, indices):
-    return np.asarray(indices)
-
-
 def subset_indices(labels, labels_per_class, seed):
   """Record indices of the label subset finetune.run_finetune trains on."""
   if labels_per_class is None:
     return np.flatnonzero(labels >= 0)
-  return subsets.label_subset(_LabelsOnly(labels), per_class=labels_per_class,
-                              seed=seed)
+  return subsets.label_subset_indices(labels, per_class=labels_per_class,
+                                      seed=seed)
 
 
 def pretrained_features(config, train_source, test_source, batch_size=500):

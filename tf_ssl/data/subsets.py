@@ -10,23 +10,24 @@ import tensorflow as tf
 from tf_ssl.data import sources
 
 
-def label_subset(source, fraction=None, per_class=None, seed=0):
-  """Returns a Source with a class-balanced, seeded subset of `source`.
+def label_subset_indices(labels, fraction=None, per_class=None, seed=0):
+  """Sorted record indices of a class-balanced, seeded subset of `labels`.
 
   Exactly one of `fraction` and `per_class` must be given. Selection is
   stratified: from each class, round(fraction * class size) examples (at
   least 1), or `per_class` examples (all of them when the class is smaller),
   drawn with NumPy's default_rng(seed). Unlabelled examples (-1) are never
-  chosen. Indices are kept in record order.
+  chosen. A pure function of the labels and the seed, so every worker (and
+  every tool that needs the indices themselves) gets the same subset.
 
   Args:
-    source: a labelled Source.
+    labels: int array of the labels in record order (-1: unlabelled).
     fraction: in (0, 1], e.g. 0.01 or 0.1.
     per_class: examples per class, e.g. 10.
-    seed: the subset's seed; equal seeds give equal subsets everywhere.
+    seed: the subset's seed.
 
   Returns:
-    A Source whose num_classes is the source's.
+    int64 array of indices in record order.
   """
   if (fraction is None) == (per_class is None):
     raise ValueError("label_subset: pass exactly one of fraction (e.g. 0.01) "
@@ -35,10 +36,10 @@ def label_subset(source, fraction=None, per_class=None, seed=0):
     raise ValueError(f"label_subset: fraction={fraction} must be in (0, 1].")
   if per_class is not None and per_class < 1:
     raise ValueError(f"label_subset: per_class={per_class} must be >= 1.")
-  labels = source.labels()
+  labels = np.asarray(labels)
   classes = np.unique(labels[labels >= 0])
   if classes.size == 0:
-    raise ValueError(f"label_subset: {source.name} has no labelled examples.")
+    raise ValueError("label_subset: there are no labelled examples.")
   rng = np.random.default_rng(seed)
   chosen = []
   for c in classes:
@@ -46,7 +47,24 @@ def label_subset(source, fraction=None, per_class=None, seed=0):
     k = per_class if per_class is not None else max(
         1, int(round(fraction * members.size)))
     chosen.append(rng.permutation(members)[:min(k, members.size)])
-  return source.take(np.sort(np.concatenate(chosen)))
+  return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def label_subset(source, fraction=None, per_class=None, seed=0):
+  """A Source with the examples `label_subset_indices` picks from `source`.
+
+  Args:
+    source: a labelled Source.
+    fraction, per_class, seed: as in label_subset_indices.
+
+  Returns:
+    A Source whose num_classes is the source's.
+  """
+  try:
+    indices = label_subset_indices(source.labels(), fraction, per_class, seed)
+  except ValueError as e:
+    raise ValueError(f"{e} (source: {source.name})") from None
+  return source.take(indices)
 
 
 class IndexedSubset(sources.Source):
