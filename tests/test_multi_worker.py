@@ -271,7 +271,8 @@ def test_trainer_on_two_workers_writes_once_and_resumes(tmp_path, image_folder):
   t0 = time.time()
   pids, outputs = _train_on_two_workers(
       workdir, image_folder, tmp_path, "--train_steps=4",
-      "--checkpoint_every_steps=2", "--export=true")
+      "--checkpoint_every_steps=2", "--eval_every_steps=2", "--eval_examples=12",
+      "--export=true")
   first_run = time.time() - t0
 
   # Only the chief (worker 0, no "chief" task) wrote to --workdir.
@@ -291,6 +292,8 @@ def test_trainer_on_two_workers_writes_once_and_resumes(tmp_path, image_folder):
   assert {"views", "loss", "learning_rate", "eval/knn_top1"} <= _summary_tags(events)
   history = [json.loads(l) for l in (workdir / "history.jsonl").read_text().splitlines()]
   assert [row["step"] for row in history] == [1, 2, 3, 4]
+  # The k-NN monitor ran inside fit on both workers; the chief logged it.
+  assert [row["step"] for row in history if "knn_top1" in row] == [2, 4]
   # Worker 1 took part in every save and the export, into its scratch
   # directory, and deleted it at the end.
   assert f"{scratch}/checkpoints/ckpt-4" in outputs[1], outputs[1][-3000:]
