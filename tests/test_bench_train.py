@@ -1,0 +1,85 @@
+"""tools/bench_train.py: the FLOP count against hand counts and published
+figures, one tiny configuration end to end, and the report's arithmetic.
+No timing assertions."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), "tools"))
+import bench_train  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _cfg(depth=18, size=32, batch=2, cifar_stem=True, classes=10):
+  return dict(depth=depth, size=size, batch=batch, cifar_stem=cifar_stem,
+              classes=classes, dtype="fp32", jit=False, sync_bn=True)
+
+
+def _resnet18_cifar_macs(size=32):
+  """Conv multiply-adds of ResNet-18 with the 3x3 stride-1 stem, by hand."""
+  total = size * size * 3 * 3 * 3 * 64  # stem
+  hw, cin = size, 64
+  for cout in (64, 128, 256, 512):
+    if cout != cin:  # strided first unit: 3x3 s2, 1x1 s2 projection
+      hw //= 2
+      total += hw * hw * (9 * cin * cout + cin * cout)
+      total += hw * hw * 9 * cout * cout
+    else:
+      total += 2 * hw * hw * 9 * cout * cout
+    total += 2 * hw * hw * 9 * cout * cout  # second unit
+    cin = cout
+  return total
+
+
+def test_counted_flops_resnet18_cifar_match_hand_count():
+  _, macs = bench_train._build(_cfg())  # pylint: disable=protected-access
+  assert macs["backbone"] == _resnet18_cifar_macs() == 555_417_600
+  # Projection head 512-512-128 and the 10-class probe.
+  assert macs["heads"] == 512 * 512 + 512 * 128 + 512 * 10
+
+
+def test_counted_flops_resnet50_224_match_published():
+  _, macs = bench_train._build(_cfg(50, 224, 1, False, 1000))  # pylint: disable=protected-access
+  # torchvision lists ResNet-50 (v1.5) at 4.09 G multiply-adds including the
+  # 2048x1000 classifier; the issue's "8.2 GFLOP per view" is the same figure.
+  assert abs(macs["backbone"] + 2048 * 1000 - 4.09e9) < 0.01e9
+  assert macs["heads"] == 2048 * 2048 + 2048 * 128 + 2048 * 1000
+
+
+def test_tiny_configuration_runs(monkeypatch):
+  monkeypatch.setattr(bench_train, "MATMUL_N", 64)
+  result = bench_train.run_config(_cfg(), warmup=1, timed=2)
+  assert len(result["times"]) == len(result["cpu_times"]) == 2
+  assert all(t > 0 for t in result["times"])
+  assert result["loss"] > 0
+  assert len(result["peaks"]) == 2 and result["peaks"][0]["float32"] > 0
+
+
+def _fake(depth, size, dtype, jit, step, batch=32, macs=4e9):
+  cfg = dict(_cfg(depth, size, batch), dtype=dtype, jit=jit)
+  peak = {"float32": 1e11, "float32_per_cpu_s": 5e10}
+  return {"cfg": cfg, "times": [step, step * 1.1, step * 0.9],
+          "cpu_times": [2 * step] * 3, "macs": {"backbone": macs, "heads": 0},
+          "peaks": [peak]}
+
+
+def test_report_last_line_uses_the_best_of_jit_and_no_jit(capsys):
+  peaks = [{"float32": 1e11, "float32_per_cpu_s": 5e10,
+            "bfloat16": 2e11, "bfloat16_per_cpu_s": 1e11}] * 2
+  results = {
+      "r50_224_fp32": _fake(50, 224, "fp32", False, 20.0),
+      "r50_224_fp32_jit": _fake(50, 224, "fp32", True, 16.0),
+      "r50_224_bf16": _fake(50, 224, "bf16", False, 10.0),
+      "r50_224_bf16_jit": _fake(50, 224, "bf16", True, 40.0),
+  }
+  bench_train.report(peaks, results)
+  lines = capsys.readouterr().out.strip().splitlines()
+  # 12 x 4e9 x 32 FLOPs in 16 s over 1e11 FLOP/s; bf16 32/10 over fp32 32/16.
+  fraction = 12 * 4e9 * 32 / 16.0 / 1e11
+  assert lines[-1] == (f"peak_fraction_r50_224={fraction:.3f} "
+                       "bf16_speedup_r50_224=1.60")
+  table = [l for l in lines if l.startswith("ResNet-50   224")]
+  assert len(table) == 4
+  assert "BEST fp32" in table[1] and "BEST bf16" in table[2]
