@@ -128,3 +128,18 @@ def test_tensorboard_gets_the_view_grid_and_knn_at_each_evaluation(tmp_path, ima
   assert knn_steps == [2, 4, 4], "every 2 steps, and the final evaluation at 4"
   for _, value in summaries["eval/knn_top1"]:
     assert 0.0 <= float(tf.make_ndarray(value)) <= 1.0
+
+
+def test_raw_pixel_baseline_uses_one_channel_of_grayscale_sources():
+  from tf_ssl import train  # pylint: disable=g-import-not-at-top
+  from tf_ssl.data import sources  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  gray = rng.integers(0, 255, (6, 8, 8, 1), dtype=np.uint8)
+  color = rng.integers(0, 255, (6, 8, 8, 3), dtype=np.uint8)
+  assert train.is_grayscale(sources.from_arrays(np.repeat(gray, 3, -1)), 8)
+  assert train.is_grayscale(sources.from_arrays(gray), 8)
+  assert not train.is_grayscale(sources.from_arrays(color), 8)
+  images = np.repeat(gray, 3, -1).astype(np.float32) / 255
+  flat = train.raw_pixels(True)(images)["features"].numpy()
+  np.testing.assert_array_equal(flat, gray.reshape(6, 64) / np.float32(255))
+  assert train.raw_pixels(False)(images)["features"].shape == (6, 192)
