@@ -41,3 +41,20 @@ def strategy_4():
 def strategy(request):
   """Each test using it runs on 1, 2 and 4 replicas."""
   return mirrored(request.param)
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+  """32 16-px PNGs in two class folders, each class with one saturated
+  channel as its signal: the trainer's end-to-end tests read it."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("images")
+  rng = np.random.default_rng(0)
+  for label in range(2):
+    os.makedirs(root / f"class{label}")
+    for i in range(16):
+      pixels = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+      pixels[..., label] = 255
+      Image.fromarray(pixels).save(root / f"class{label}" / f"{i}.png")
+  return str(root)

@@ -193,19 +193,6 @@ def test_dead_worker_stops_the_other(cluster):
 TRAIN_TIMEOUT = 900
 
 
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-  """32 16-px PNGs in two classes, as in tests/test_train.py."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  root = tmp_path_factory.mktemp("images")
-  rng = np.random.default_rng(0)
-  for label in range(2):
-    os.makedirs(root / f"class{label}")
-    for i in range(16):
-      pixels = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
-      pixels[..., label] = 255
-      Image.fromarray(pixels).save(root / f"class{label}" / f"{i}.png")
-  return str(root)
 
 
 def _trainer_flags():

@@ -11,7 +11,6 @@ import time
 
 import numpy as np
 import pytest
-from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -22,17 +21,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-  root = tmp_path_factory.mktemp("images")
-  rng = np.random.default_rng(0)
-  for label in range(2):
-    os.makedirs(root / f"class{label}")
-    for i in range(16):
-      pixels = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
-      pixels[..., label] = 255  # a class signal: one saturated channel
-      Image.fromarray(pixels).save(root / f"class{label}" / f"{i}.png")
-  return str(root)
 
 
 def _command(workdir, folder, *extra):

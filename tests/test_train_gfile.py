@@ -13,7 +13,6 @@ import uuid
 import numpy as np
 import pytest
 import tensorflow as tf
-from PIL import Image
 
 from tf_ssl import flags as tf_ssl_flags
 from tf_ssl import train
@@ -27,17 +26,6 @@ TINY = [
 ]
 
 
-@pytest.fixture
-def image_folder(tmp_path):
-  root = tmp_path / "images"
-  rng = np.random.default_rng(0)
-  for label in range(2):
-    os.makedirs(root / f"class{label}")
-    for i in range(16):
-      pixels = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
-      pixels[..., label] = 255  # a class signal: one saturated channel
-      Image.fromarray(pixels).save(root / f"class{label}" / f"{i}.png")
-  return str(root)
 
 
 @pytest.fixture
