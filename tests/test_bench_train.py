@@ -60,16 +60,18 @@ def test_tiny_configuration_runs(monkeypatch):
 def _fake(depth, size, dtype, jit, step, batch=32, macs=4e9):
   cfg = dict(_cfg(depth, size, batch), dtype=dtype, jit=jit)
   peak = {"float32": 1e11, "float32_per_cpu_s": 5e10}
-  return {"cfg": cfg, "times": [step, step * 1.1, step * 0.9],
+  return [{"cfg": cfg, "times": [step, step * 1.1, step * 0.9],
           "cpu_times": [2 * step] * 3, "macs": {"backbone": macs, "heads": 0},
-          "peaks": [peak]}
+          "peaks": [peak]}]
 
 
-def test_report_last_line_uses_the_best_of_jit_and_no_jit(capsys):
+def test_report_uses_the_best_round_and_the_best_of_jit_and_no_jit(capsys):
   peaks = [{"float32": 1e11, "float32_per_cpu_s": 5e10,
             "bfloat16": 2e11, "bfloat16_per_cpu_s": 1e11}] * 2
   results = {
-      "r50_224_fp32": _fake(50, 224, "fp32", False, 20.0),
+      # Two rounds: the faster one counts.
+      "r50_224_fp32": (_fake(50, 224, "fp32", False, 30.0) +
+                       _fake(50, 224, "fp32", False, 20.0)),
       "r50_224_fp32_jit": _fake(50, 224, "fp32", True, 16.0),
       "r50_224_bf16": _fake(50, 224, "bf16", False, 10.0),
       "r50_224_bf16_jit": _fake(50, 224, "bf16", True, 40.0),
@@ -83,3 +85,5 @@ def test_report_last_line_uses_the_best_of_jit_and_no_jit(capsys):
   table = [l for l in lines if l.startswith("ResNet-50   224")]
   assert len(table) == 4
   assert "BEST fp32" in table[1] and "BEST bf16" in table[2]
+  assert "round medians 30.00/20.00 s" in table[0]
+  assert f"{32 / 20.0:10.2f}{20.0:9.2f}" in table[0]
