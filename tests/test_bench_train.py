@@ -87,3 +87,14 @@ def test_report_uses_the_best_round_and_the_best_of_jit_and_no_jit(capsys):
   assert "BEST fp32" in table[1] and "BEST bf16" in table[2]
   assert "round medians 30.00/20.00 s" in table[0]
   assert f"{32 / 20.0:10.2f}{20.0:9.2f}" in table[0]
+
+
+def test_cpu_description_names_the_bf16_instructions(tmp_path):
+  cpuinfo = tmp_path / "cpuinfo"
+  cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU\n"
+                     "flags\t\t: fpu avx512f avx512_bf16\n")
+  assert bench_train.cpu_description(str(cpuinfo)) == (
+      "CPU: Some CPU; amx_bf16: no, avx512_bf16: yes")
+  cpuinfo.write_text("model name\t: Other\nflags\t\t: amx_bf16 amx_tile\n")
+  assert "amx_bf16: yes, avx512_bf16: no" in bench_train.cpu_description(str(cpuinfo))
+  assert "unknown" in bench_train.cpu_description(str(tmp_path / "missing"))

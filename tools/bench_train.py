@@ -198,6 +198,30 @@ def run_matmul(repeats, dtypes=("float32", "bfloat16")):
 
 # --------------------------------------------------------------------- driver
 
+def cpu_description(cpuinfo="/proc/cpuinfo"):
+  """The CPU model and which bfloat16 matmul instructions it has.
+
+  A bfloat16 step can only beat float32 by what the matmul units allow:
+  AMX tiles (amx_bf16) give several times the float32 rate, AVX-512 BF16
+  (avx512_bf16, dot products of bf16 pairs) about twice. The measured
+  bfloat16 / float32 matmul ratio printed below is the ceiling either way.
+  """
+  try:
+    with open(cpuinfo) as f:
+      text = f.read()
+  except OSError:
+    return "CPU: unknown (no /proc/cpuinfo)"
+  model = next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                if line.startswith("model name")), "unknown")
+  cpu_flags = set()
+  for line in text.splitlines():
+    if line.startswith("flags"):
+      cpu_flags.update(line.split(":", 1)[1].split())
+  has = lambda flag: "yes" if flag in cpu_flags else "no"
+  return (f"CPU: {model}; amx_bf16: {has('amx_bf16')}, "
+          f"avx512_bf16: {has('avx512_bf16')}")
+
+
 def _subprocess(args):
   proc = subprocess.run([sys.executable, os.path.abspath(__file__)] + args,
                         capture_output=True, text=True, cwd=_ROOT, check=False)
@@ -243,6 +267,7 @@ def main():
         f"{rounds} round(s), alternating the order, of one subprocess per "
         f"configuration with {warmup} warm-up + {timed} timed steps; a "
         f"configuration's figure is its fastest round's median step.", flush=True)
+  print(cpu_description(), flush=True)
   peaks = [_subprocess(passthrough + ["--_matmul"])]
   results = {name: [] for name in names}
   for r in range(rounds):
