@@ -51,6 +51,7 @@ from tf_ssl import export
 from tf_ssl import flags as tf_ssl_flags
 from tf_ssl import hyperrule
 from tf_ssl import optim
+from tf_ssl import outputs
 from tf_ssl import plots
 from tf_ssl import pretrained
 from tf_ssl.data import augment
@@ -441,8 +442,8 @@ def _run(config, strategy, train_source, eval_source, verbose, t_start):
       tf.summary.scalar("eval/top1", results["top1"])
       tf.summary.scalar("eval/top5", results["top5"])
     writer.flush()
-    with tf.io.gfile.GFile(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump(results, f, indent=2)
+    outputs.write_text(os.path.join(workdir, "results.json"),
+                       json.dumps(results, indent=2))
     plots.training_curves(history_path, os.path.join(workdir, "training_curves.png"),
                           curves=CURVES)
     if config.export:
@@ -457,8 +458,8 @@ def main(argv):
   except tf_ssl_flags.flags.ValidationError as e:
     raise app.UsageError(str(e)) from None
   tf.io.gfile.makedirs(config.workdir)
-  with tf.io.gfile.GFile(os.path.join(config.workdir, "flags.txt"), "w") as f:
-    f.write(tf_ssl_flags.flags_as_text())
+  outputs.write_text(os.path.join(config.workdir, "flags.txt"),
+                     tf_ssl_flags.flags_as_text())
   results = run_finetune(config)
   print(json.dumps(results, indent=2))
 

@@ -26,6 +26,7 @@ from tf_ssl import distribute
 from tf_ssl import evaluate
 from tf_ssl import flags as tf_ssl_flags
 from tf_ssl import optim
+from tf_ssl import outputs
 from tf_ssl import plots
 from tf_ssl.data import augment
 from tf_ssl.data import pipeline
@@ -108,15 +109,6 @@ def knn_monitor(backbone, train_source, test_source, config, batch_size=256):
   return accuracy
 
 
-def write_text(path, text):
-  """Writes via a temporary file and a rename: atomic on local disks and GCS,
-  and a rewrite replaces the file (ram:// GFile "w" would append)."""
-  tmp = path + ".tmp"
-  with tf.io.gfile.GFile(tmp, "w") as f:
-    f.write(text)
-  tf.io.gfile.rename(tmp, path, overwrite=True)
-
-
 def raw_pixels(grayscale):
   """The raw-pixel baseline as an embed function: the flattened image.
 
@@ -165,7 +157,7 @@ def main(argv):
       run.workdir, "tmp", f"worker{task_id}")
   tf.io.gfile.makedirs(own_dir)
   if is_chief:
-    write_text(os.path.join(run.workdir, "flags.txt"), tf_ssl_flags.flags_as_text())
+    outputs.write_text(os.path.join(run.workdir, "flags.txt"), tf_ssl_flags.flags_as_text())
   if config.global_batch_size % replicas:
     raise app.UsageError(
         f"--global_batch_size={config.global_batch_size} is not divisible by the "
@@ -267,7 +259,7 @@ def main(argv):
     for key, value in results.items():
       if key.endswith("top1"):
         tf.summary.scalar("eval/" + key, value)
-  write_text(os.path.join(own_dir, "results.json"), json.dumps(results, indent=2))
+  outputs.write_text(os.path.join(own_dir, "results.json"), json.dumps(results, indent=2))
   plots.training_curves(history_path, os.path.join(own_dir, "training_curves.png"))
   print(json.dumps(results, indent=2))
 
