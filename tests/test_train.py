@@ -41,6 +41,8 @@ def _run(args, timeout=600):
     (["--train_steps=4", "--method=byol"], "method"),
     (["--train_steps=4", "--dataset=folder:/no/such/folder"], "/no/such/folder"),
     (["--train_steps=4", "--backbone=vgg16"], "vgg16"),
+    (["--train_steps=4", "--final_eval_examples=-1"], "--final_eval_examples=-1"),
+    (["--train_steps=5", "--steps_per_execution=2"], "--steps_per_execution=2"),
 ])
 def test_bad_flags_stop_with_a_message_naming_them(tmp_path, image_folder, extra, message):
   result = _run(_command(tmp_path / "w", image_folder, *extra))
@@ -104,8 +106,13 @@ def test_tensorboard_gets_the_view_grid_and_knn_at_each_evaluation(tmp_path, ima
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / "run"
   result = _run(_command(workdir, image_folder, "--train_steps=4",
-                         "--eval_every_steps=2", "--eval_examples=12"))
+                         "--eval_every_steps=2", "--eval_examples=12",
+                         "--final_eval_examples=10"))
   assert result.returncode == 0, result.stderr[-3000:]
+  with open(workdir / "results.json") as f:
+    results = json.load(f)
+  # The end-of-run evaluation saw the first 10 of the 32 images of each split.
+  assert (results["eval_train_examples"], results["eval_test_examples"]) == (10, 10)
   summaries = _summaries(workdir)
   [(step, grid)] = summaries["views"]
   assert step == 0

@@ -151,11 +151,21 @@ class KnnMonitor(keras.callbacks.Callback):
     self.every_steps = every_steps
     self.writer = writer
     self.history = []  # (step, accuracy)
+    self._last = None
+
+  def on_train_begin(self, logs=None):
+    # A resumed run already evaluated at its start step (this callback runs
+    # before the checkpoint is written).
+    self._last = int(self.step.numpy())
 
   def on_train_batch_end(self, batch, logs=None):
+    # With --steps_per_execution a "batch" is several steps, so the step can
+    # jump over a multiple of every_steps: evaluate when one was crossed.
     step = int(self.step.numpy())
-    if step % self.every_steps or any(s == step for s, _ in self.history):
+    last = step - 1 if self._last is None else self._last
+    if step // self.every_steps <= last // self.every_steps:
       return
+    self._last = step
     accuracy = float(self.evaluate_fn())
     self.history.append((step, accuracy))
     if logs is not None:

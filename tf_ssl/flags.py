@@ -68,6 +68,7 @@ flags.DEFINE_integer("knn_k", 200, "Neighbours of the k-NN evaluation.")
 flags.DEFINE_float("knn_temperature", 0.1, "Temperature of the weighted k-NN vote.")
 flags.DEFINE_integer("eval_every_steps", 0, "k-NN accuracy to TensorBoard every this many steps (0: only at the end).")
 flags.DEFINE_integer("eval_examples", 10000, "Labelled examples (bank and queries each) of the k-NN during training.")
+flags.DEFINE_integer("final_eval_examples", 0, "Examples of each split in the end-of-run k-NN and linear evaluation, the first ones (0: whole splits; ImageNet-sized splits need a cap: the features are held in memory).")
 flags.DEFINE_bool("baselines", False, "Also evaluate raw pixels and the random-init encoder.")
 flags.DEFINE_bool("export", True, "Export a SavedModel to <workdir>/saved_model at the end.")
 
@@ -132,6 +133,7 @@ class PretrainConfig:
   knn_temperature: float
   eval_every_steps: int
   eval_examples: int
+  final_eval_examples: int
   baselines: bool
   export: bool
 
@@ -153,6 +155,9 @@ def _validate_common():
          f"{FLAGS.train_epochs!r}).")
   if FLAGS.train_steps is not None:
     _check(FLAGS.train_steps > 0, "train_steps", "must be positive.")
+    # model.fit runs whole executions; the schedule must end where they do.
+    _check(FLAGS.train_steps % FLAGS.steps_per_execution == 0, "train_steps",
+           f"must be a multiple of --steps_per_execution={FLAGS.steps_per_execution}.")
   if FLAGS.train_epochs is not None:
     _check(FLAGS.train_epochs > 0, "train_epochs", "must be positive.")
   _check(FLAGS.learning_rate > 0, "learning_rate", "must be positive.")
@@ -181,6 +186,7 @@ def pretrain_config():
   _check(FLAGS.proj_layers >= 1, "proj_layers", "must be >= 1.")
   _check(FLAGS.eval_every_steps >= 0, "eval_every_steps", "must be >= 0 (0: only at the end).")
   _check(FLAGS.eval_examples >= 1, "eval_examples", "must be >= 1.")
+  _check(FLAGS.final_eval_examples >= 0, "final_eval_examples", "must be >= 0 (0: whole splits).")
   _check(FLAGS.knn_k >= 1, "knn_k", "must be >= 1.")
   small_stem = FLAGS.small_image_stem
   if small_stem is None:
@@ -214,6 +220,7 @@ def pretrain_config():
       knn_k=FLAGS.knn_k,
       knn_temperature=FLAGS.knn_temperature,
       eval_every_steps=FLAGS.eval_every_steps, eval_examples=FLAGS.eval_examples,
+      final_eval_examples=FLAGS.final_eval_examples,
       baselines=FLAGS.baselines,
       export=FLAGS.export)
 

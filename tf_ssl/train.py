@@ -72,6 +72,13 @@ def build_optimizer(config, steps_per_epoch, total_steps):
   return opt, schedule
 
 
+def first_examples(source, n):
+  """The first `n` examples of `source` (all of them for n=0 or n >= size)."""
+  if not n or n >= source.num_examples:
+    return source
+  return source.take(np.arange(n))
+
+
 def evaluate_features(embed_fn, train_source, test_source, config, batch_size):
   """k-NN and linear top-1 of `embed_fn`'s features on the labelled splits."""
   size = config.data.image_size
@@ -93,9 +100,8 @@ def knn_monitor(backbone, train_source, test_source, config, batch_size=256):
   The first `config.eval_examples` examples of each split: the same bank and
   queries at every evaluation, so the curve moves only with the encoder.
   """
-  def first(source):
-    return source.take(np.arange(min(config.eval_examples, source.num_examples)))
-  bank, queries = first(train_source), first(test_source)
+  bank = first_examples(train_source, config.eval_examples)
+  queries = first_examples(test_source, config.eval_examples)
   classes = test_source.num_classes or train_source.num_classes
 
   def accuracy():
@@ -171,7 +177,12 @@ def main(argv):
     raise app.UsageError(
         f"--global_batch_size={config.global_batch_size} is larger than the "
         f"{train_source.num_examples} examples of --train_split={d.train_split}.")
-  total_steps = config.train_steps or int(math.ceil(config.train_epochs * steps_per_epoch))
+  # model.fit runs whole executions of --steps_per_execution steps, so the
+  # run's length is a multiple of it: --train_epochs rounds up to one
+  # (--train_steps must be one), and the schedule ends where training does.
+  spe = run.steps_per_execution
+  total_steps = config.train_steps or spe * int(math.ceil(
+      config.train_epochs * steps_per_epoch / spe))
   views = augment.SimCLRAugment(
       d.image_size, color_strength=d.color_strength, version=d.simclr_version,
       blur=d.blur, crop_area=(d.crop_min_area, 1.0), num_views=d.num_views)
@@ -230,7 +241,8 @@ def main(argv):
         optimizer.iterations, config.eval_every_steps, writer=writer))
   remaining = total_steps - start_step
   if remaining > 0:
-    chunk = min(steps_per_epoch, total_steps)
+    # One Keras "epoch" = about one pass, in whole executions.
+    chunk = max(spe, min(steps_per_epoch, total_steps) // spe * spe)
     model.fit(train_data, steps_per_epoch=chunk, shuffle=False,
               initial_epoch=start_step // chunk,
               epochs=start_step // chunk + int(math.ceil(remaining / chunk)),
@@ -243,6 +255,8 @@ def main(argv):
 
   # --------------------------------------------------------------- evaluation
   eval_batch = max(256, config.global_batch_size)
+  train_source = first_examples(train_source, config.final_eval_examples)
+  test_source = first_examples(test_source, config.final_eval_examples)
   results = evaluate_features(model.backbone, train_source, test_source, config,
                               eval_batch)
   if config.baselines:
@@ -252,7 +266,9 @@ def main(argv):
       for key, value in evaluate_features(embed, train_source, test_source,
                                           config, eval_batch).items():
         results[prefix + key] = value
-  results.update(train_steps=int(optimizer.iterations.numpy()),
+  results.update(eval_train_examples=train_source.num_examples,
+                 eval_test_examples=test_source.num_examples,
+                 train_steps=int(optimizer.iterations.numpy()),
                  wall_seconds=round(time.time() - t_start, 1),
                  train_seconds=round(train_seconds, 1))
   with writer.as_default(step=int(optimizer.iterations.numpy())):
