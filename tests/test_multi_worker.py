@@ -286,6 +286,7 @@ def test_trainer_on_two_workers_writes_once_and_resumes(tmp_path, image_folder):
   assert f"{scratch}/checkpoints/ckpt-4" in outputs[1], outputs[1][-3000:]
   assert f"{scratch}/saved_model" in outputs[1], outputs[1][-3000:]
   assert not scratch.exists(), os.listdir(scratch)
+  assert not scratch.parent.exists(), "the last worker out removes <workdir>/tmp"
   assert "Resumed" not in outputs[0] + outputs[1]
 
   # Rerun with more steps: both workers resume from the chief's step 4.
@@ -304,5 +305,6 @@ def test_trainer_on_two_workers_writes_once_and_resumes(tmp_path, image_folder):
   assert len(glob.glob(str(workdir / "summaries" / f"events.*.{pids[0]}.*"))) == 1
   assert len(glob.glob(str(workdir / "summaries" / "events.*"))) == 2
   assert not scratch.exists(), os.listdir(scratch)
+  assert not scratch.parent.exists(), "the last worker out removes <workdir>/tmp"
   print(f"\ntwo-worker trainer: {first_run:.0f} s for 4 steps with export, "
         f"{second_run:.0f} s to resume to step 6")

@@ -285,6 +285,14 @@ def main(argv):
     export.export_saved_model(model, os.path.join(own_dir, "saved_model"))
   if not is_chief:
     tf.io.gfile.rmtree(own_dir)
+    # The last worker out removes <workdir>/tmp; another may be finishing at
+    # the same moment, so a directory already gone or not yet empty is fine.
+    try:
+      scratch = os.path.dirname(own_dir)
+      if not tf.io.gfile.listdir(scratch):
+        tf.io.gfile.rmtree(scratch)
+    except tf.errors.OpError:
+      pass
 
 
 if __name__ == "__main__":
