@@ -35,7 +35,7 @@ FLAGS = tf_ssl_flags.FLAGS
 # Class counts of the datasets the configs name, to size the online probe
 # without reading the data (which need not be on this machine).
 NUM_CLASSES = {"tfds:imagenet2012": 1000, "tfds:cifar10": 10, "fashion_mnist": 10}
-FEATURE_WIDTH = {"resnet18": 512, "resnet18x0.25": 128, "resnet50": 2048}
+FEATURE_WIDTH = {"resnet18": 512, "resnet18x0.25": 128, "resnet18x0.5": 256, "resnet50": 2048}
 
 # The published recipes (RECIPES.md and the papers each config cites).
 # peak_lr is the learning rate after batch scaling, the number the papers
@@ -104,7 +104,8 @@ def parse(tmp_path):
 
 def test_the_issue_configs_exist():
   names = {_name(p) for p in CONFIGS}
-  for name in list(PUBLISHED) + ["simclr_fashion_mnist.cfg"]:
+  for name in list(PUBLISHED) + ["simclr_fashion_mnist.cfg",
+                                "simclr_fashion_mnist_long.cfg"]:
     assert name in names
 
 
