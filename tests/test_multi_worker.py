@@ -193,8 +193,6 @@ def test_dead_worker_stops_the_other(cluster):
 TRAIN_TIMEOUT = 900
 
 
-
-
 def _trainer_flags():
   import test_train  # pylint: disable=g-import-not-at-top
   return [f for f in test_train.TINY

@@ -21,8 +21,6 @@ TINY = [
 ]
 
 
-
-
 def _command(workdir, folder, *extra):
   return [sys.executable, "-m", "tf_ssl.train", f"--workdir={workdir}",
           f"--dataset=folder:{folder}", *TINY, *extra]

@@ -26,8 +26,6 @@ TINY = [
 ]
 
 
-
-
 @pytest.fixture
 def ram_workdir():
   path = f"ram://tf_ssl_test_{uuid.uuid4().hex}/run"

@@ -133,8 +133,7 @@ def raw_pixels(grayscale):
 def is_grayscale(source, image_size, examples=256):
   """Whether the first `examples` eval views have three equal channels."""
   batch = next(iter(pipeline.build_eval(
-      source.take(np.arange(min(examples, source.num_examples))), examples,
-      image_size, cache=False)))
+      first_examples(source, examples), examples, image_size, cache=False)))
   image = batch["image"]
   return bool(tf.reduce_all(image[..., 0] == image[..., 1]) and
               tf.reduce_all(image[..., 1] == image[..., 2]))
