@@ -60,6 +60,29 @@ def test_eval_every_example_once(strategy):
       src, 8 // r, tf.distribute.InputContext(1, 0, r))
 
 
+@pytest.mark.parametrize("shape,size", [((28, 28, 1), 28), ((40, 36, 3), 24),
+                                        ((40, 36, 3), 48)])
+@pytest.mark.parametrize("pipelines", [1, 2])
+def test_eval_whole_batches_equal_per_example_views(shape, size, pipelines):
+  # In-memory arrays take the batch-level path; an explicit view_fn forces the
+  # per-example one. Same images (grey tiled, centre crop above 32 px,
+  # resize), labels, masks and padding, on every input pipeline.
+  rng = np.random.default_rng(1)
+  src = from_arrays(rng.integers(0, 256, (13,) + shape, np.uint8), np.arange(13) % 3)
+  for pid in range(pipelines):
+    ctx = tf.distribute.InputContext(pipelines, pid, pipelines)
+    fast = list(pipeline.build_eval(src, 4, size, ctx).as_numpy_iterator())
+    slow = list(pipeline.build_eval(
+        src, 4, size, ctx, view_fn=lambda r: augment.eval_view(r, size)
+    ).as_numpy_iterator())
+    assert len(fast) == len(slow) == pipeline.eval_steps(src, 4, ctx)
+    for a, b in zip(fast, slow):
+      assert a["image"].shape == (4, size, size, 3)
+      np.testing.assert_allclose(a["image"], b["image"], atol=1e-6)
+      np.testing.assert_array_equal(a["label"], b["label"])
+      np.testing.assert_array_equal(a["mask"], b["mask"])
+
+
 def test_finetune_and_mixup(strategy_2):
   bit = augment.BiTAugment(8, 10)
   batch = next(iter(pipeline.finetune_dataset(strategy_2, _source(), 4, bit, seed=0,

@@ -79,19 +79,24 @@ def first_examples(source, n):
   return source.take(np.arange(n))
 
 
-def evaluate_features(embed_fn, train_source, test_source, config, batch_size):
+def evaluate_features(embed_fn, train_source, test_source, config, batch_size,
+                      name="encoder"):
   """k-NN and linear top-1 of `embed_fn`'s features on the labelled splits."""
   size = config.data.image_size
+  t0 = time.time()
   train = evaluate.extract_features(
       embed_fn, pipeline.build_eval(train_source, batch_size, size))
   test = evaluate.extract_features(
       embed_fn, pipeline.build_eval(test_source, batch_size, size))
   classes = test_source.num_classes or int(max(train[1].max(), test[1].max()) + 1)
-  return {
-      "knn_top1": evaluate.knn_accuracy(*train, *test, classes, k=config.knn_k,
-                                        temperature=config.knn_temperature),
-      "linear_top1": evaluate.linear_accuracy(*train, *test, classes),
-  }
+  t1 = time.time()
+  knn = evaluate.knn_accuracy(*train, *test, classes, k=config.knn_k,
+                              temperature=config.knn_temperature)
+  t2 = time.time()
+  linear = evaluate.linear_accuracy(*train, *test, classes)
+  logging.info("%s: features %.0fs, k-NN %.0fs, linear %.0fs", name,
+               t1 - t0, t2 - t1, time.time() - t2)
+  return {"knn_top1": knn, "linear_top1": linear}
 
 
 def knn_monitor(backbone, train_source, test_source, config, batch_size=256):
@@ -263,7 +268,8 @@ def main(argv):
     for prefix, embed in (("raw_pixel_", raw_pixels(gray)),
                           ("random_init_", build_model(config, 0).backbone)):
       for key, value in evaluate_features(embed, train_source, test_source,
-                                          config, eval_batch).items():
+                                          config, eval_batch,
+                                          name=prefix[:-1]).items():
         results[prefix + key] = value
   results.update(eval_train_examples=train_source.num_examples,
                  eval_test_examples=test_source.num_examples,

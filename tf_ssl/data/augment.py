@@ -287,20 +287,33 @@ def _distort_each(x, flip, params, jitter, gray, blur, sigma, version,
   return tf.map_fn(lambda e: one(*e), elems, fn_output_signature=x.dtype)
 
 
+def _centre_box(h, w, image_size, crop_proportion):
+  """[top, left, side, side] of eval_view's centre crop of an h x w image."""
+  if image_size <= 32:
+    crop_proportion = 1.0
+  side = tf.cast(tf.round(crop_proportion * tf.cast(tf.minimum(h, w),
+                                                     tf.float32)), tf.int32)
+  side = tf.maximum(side, 1)
+  return tf.stack([(h - side) // 2, (w - side) // 2, side, side])
+
+
 def eval_view(record, image_size, crop_proportion=0.875):
   """Eval: square centre crop of 0.875 of the short side (none when
   image_size <= 32, as SimCLR), bilinear resize -> float32 [S, S, 3]."""
-  if image_size <= 32:
-    crop_proportion = 1.0
-
-  def box(h, w):
-    side = tf.cast(tf.round(crop_proportion * tf.cast(tf.minimum(h, w),
-                                                       tf.float32)), tf.int32)
-    side = tf.maximum(side, 1)
-    return tf.stack([[(h - side) // 2, (w - side) // 2, side, side]])
-  window, boxes = _window_and_boxes(record, box)
+  window, boxes = _window_and_boxes(
+      record, lambda h, w: _centre_box(h, w, image_size, crop_proportion)[None])
   b = boxes[0]
   return _resize(window[b[0]:b[0] + b[2], b[1]:b[1] + b[3]], image_size)
+
+
+def eval_view_batch(images, image_size, crop_proportion=0.875):
+  """eval_view on a batch of same-size decoded images (uint8 [B, H, W, C],
+  C = 1 or 3): the same pixels, made with one crop and one resize."""
+  if images.shape[-1] == 1:
+    images = tf.tile(images, [1, 1, 1, 3])
+  shape = tf.shape(images)
+  b = _centre_box(shape[1], shape[2], image_size, crop_proportion)
+  return _resize(images[:, b[0]:b[0] + b[2], b[1]:b[1] + b[3]], image_size)
 
 
 def bit_sizes(height, width):

@@ -203,6 +203,23 @@ def eval_steps(source, batch_size, input_context=None):
   return -(-per_pipeline // (batch_size * replicas_per_pipeline))
 
 
+def _eval_whole_batches(source, batch_size, image_size, input_context):
+  """build_eval for same-size decoded images (in-memory arrays): records are
+  padded and batched first, then each batch gets eval_view_batch, so the
+  per-example tf.data work is only the mask (a 60k split: ~1 s, not ~15)."""
+  records = source.records(input_context, exact_shards=True).map(
+      lambda r: {"image": r["image"], "label": r["label"],
+                 "mask": tf.constant(1., tf.float32)})
+  pad = tf.data.Dataset.from_tensors(tf.nest.map_structure(
+      lambda s: tf.zeros(s.shape, s.dtype), records.element_spec)).repeat()
+  pipelines, _, replicas = _context_facts(input_context)
+  total = eval_steps(source, batch_size, input_context) * max(1, replicas // pipelines)
+  ds = records.concatenate(pad).batch(batch_size, drop_remainder=True).take(total)
+  ds = ds.map(lambda b: dict(b, image=augment_lib.eval_view_batch(b["image"], image_size)),
+              num_parallel_calls=tf.data.AUTOTUNE)
+  return _finish(ds.map(_check_labels(source)), 0)
+
+
 def build_eval(source, batch_size, image_size, input_context=None, view_fn=None,
                cache="auto", counter=None):
   """One pass of eval batches {"image", "label", "mask"}: every example once.
@@ -211,6 +228,8 @@ def build_eval(source, batch_size, image_size, input_context=None, view_fn=None,
   pipeline yields eval_steps(...) batches per replica, so replicas stay in
   step. view_fn(record) -> image defaults to augment.eval_view at image_size.
   """
+  if view_fn is None and _fixed_size_records(source):
+    return _eval_whole_batches(source, batch_size, image_size, input_context)
   view_fn = view_fn or (lambda r: augment_lib.eval_view(r, image_size))
   ds = _examples(source, input_context, 0, lambda r, s: {"image": view_fn(r)},
                  cache=cache, shuffle_buffer=0, repeat=False, exact_shards=True,
