@@ -306,6 +306,33 @@ def test_hyperrule_plan_follows_the_tables():
   assert short["schedule"] == [10, 20, 30, 40, 50]
 
 
+def test_plans_are_whole_executions():
+  # model.fit runs whole executions of --steps_per_execution steps; a plan
+  # that is not a multiple would train past its schedule's end.
+  src = _FakeSource(1000, (8, 8), 10)
+  cfg = flags.FinetuneConfig(mode="linear", train_epochs=1.0, global_batch_size=64,
+                             steps_per_execution=5)
+  assert finetune.make_plan(cfg, src, 10)["total_steps"] == 20     # 16 -> 20
+  rule = finetune.make_plan(
+      flags.FinetuneConfig(mode="hyperrule", global_batch_size=128,
+                           steps_per_execution=300), src, 10)
+  assert rule["schedule"] == [100, 200, 300, 400, 600]              # 500 -> 600
+  assert rule["total_steps"] == 600
+  with pytest.raises(ValueError, match="--train_steps=7: must be a multiple of "
+                     "--steps_per_execution=2"):
+    flags.FinetuneConfig(mode="linear", train_steps=7, steps_per_execution=2)
+
+
+def test_run_ends_at_the_plan_with_several_steps_per_execution():
+  # 40 examples / 8 = 5 steps, rounded up to 6 = 2 executions of 3; the
+  # unrounded plan ran one execution past the schedule's end.
+  config = _config(mode="linear", train_steps=None, train_epochs=1.0,
+                   steps_per_execution=3)
+  results = finetune.run_finetune(config, train_source=_source(40, 0),
+                                  eval_source=_source(8, 1), verbose=0)
+  assert results["plan"]["total_steps"] == 6 and results["train_steps"] == 6
+
+
 def test_config_errors_name_the_flag():
   with pytest.raises(ValueError, match="--mode='probe'"):
     flags.FinetuneConfig(mode="probe")

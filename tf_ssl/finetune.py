@@ -159,6 +159,9 @@ def make_plan(config, train_source, num_classes):
     if config.train_steps:  # A shorter run: the same shape, rescaled.
       schedule = [int(round(s * config.train_steps / schedule[-1]))
                   for s in schedule[:-1]] + [config.train_steps]
+    # model.fit runs whole executions: the last phase (lr / 1000) absorbs
+    # the steps that round the run up to a multiple of them.
+    schedule[-1] = _whole_executions(schedule[-1], config.steps_per_execution)
     resize, crop = config.resize_size, config.crop_size
     if not crop:
       resize, crop = hyperrule.get_resolution(_image_hw(train_source))
@@ -169,7 +172,9 @@ def make_plan(config, train_source, num_classes):
                 peak_lr=hyperrule.scale_lr(gbs, config.hyperrule_base_lr),
                 resize_size=resize, crop_size=crop, mixup_alpha=mixup)
     return plan
-  total = config.train_steps or max(1, int(math.ceil(config.train_epochs * n / gbs)))
+  total = _whole_executions(
+      config.train_steps or max(1, int(math.ceil(config.train_epochs * n / gbs))),
+      config.steps_per_execution)
   peak = config.learning_rate
   if config.lr_scaling != "none":
     peak = optim.scale_learning_rate(peak, gbs, config.lr_scaling)
@@ -178,6 +183,11 @@ def make_plan(config, train_source, num_classes):
               resize_size=config.image_size, crop_size=config.image_size,
               mixup_alpha=config.mixup_alpha or 0.0)
   return plan
+
+
+def _whole_executions(steps, steps_per_execution):
+  """`steps` rounded up to a multiple of `steps_per_execution`."""
+  return steps_per_execution * int(math.ceil(steps / steps_per_execution))
 
 
 def views_for(plan):
@@ -406,9 +416,12 @@ def _run(config, strategy, train_source, eval_source, verbose, t_start):
   remaining = total_steps - start_step
   last_logs = {}
   if remaining > 0:
-    # Keras epochs only pace the logs: about one pass over the (subset) data.
+    # Keras epochs only pace the logs: about one pass over the (subset)
+    # data, in whole executions (total_steps is a multiple of them).
+    spe = config.steps_per_execution
     chunk = min(total_steps, max(50, -(-train_source.num_examples //
                                        config.global_batch_size)))
+    chunk = max(spe, chunk // spe * spe)
     history = model.fit(
         train_data, steps_per_epoch=chunk, shuffle=False,  # tf.data shuffles
         initial_epoch=start_step // chunk,

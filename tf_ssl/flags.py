@@ -371,6 +371,9 @@ class FinetuneConfig:
     check(self.weight_decay >= 0, "weight_decay", "must be >= 0.")
     check(self.warmup_epochs >= 0, "warmup_epochs", "must be >= 0.")
     check(self.steps_per_execution >= 1, "steps_per_execution", "must be >= 1.")
+    check(not self.train_steps or self.train_steps % self.steps_per_execution == 0,
+          "train_steps", f"must be a multiple of --steps_per_execution="
+          f"{self.steps_per_execution} (model.fit runs whole executions).")
     check(self.checkpoint_every_steps >= 1, "checkpoint_every_steps", "must be >= 1.")
     check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1.")
 
