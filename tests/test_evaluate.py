@@ -69,3 +69,25 @@ def test_raw_pixel_baselines_match_published():
   assert knn == pytest.approx(0.789, abs=0.005)
   linear = evaluate.linear_accuracy(x_train, y_train, x_test, y_test, 10)
   assert linear == pytest.approx(0.837, abs=0.01)
+
+
+def test_distributed_extraction_equals_host_extraction(strategy):
+  # 13 examples in global batches of 4: padding on the last batch, and on
+  # 4 replicas one example per replica per step. Every replica's rows are
+  # gathered, padding dropped, each example's features equal the host's.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tf_ssl.data import from_arrays, pipeline  # pylint: disable=g-import-not-at-top
+  from tf_ssl.models import build_backbone  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  source = from_arrays(rng.integers(0, 256, (13, 8, 8, 3), np.uint8), np.arange(13) % 4)
+  with strategy.scope():
+    backbone = build_backbone("resnet18x0.25", small_image_stem=True)
+  host, host_labels = evaluate.extract_features(
+      backbone, pipeline.build_eval(source, 4, 8))
+  ours, labels = evaluate.extract_features_distributed(
+      strategy, backbone, pipeline.eval_dataset(strategy, source, 4, 8))
+  assert ours.shape == host.shape == (13, backbone.feature_dim)
+  order = lambda f: np.lexsort(f.T)
+  np.testing.assert_allclose(ours[order(ours)], host[order(host)], rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(labels[order(ours)], host_labels[order(host)])
+  assert tf.reduce_any(ours != 0)

@@ -40,6 +40,44 @@ def extract_features(embed_fn, batches, endpoint="features"):
   return np.concatenate(features), np.concatenate(labels)
 
 
+def extract_features_distributed(strategy, embed_fn, batches, endpoint="features"):
+  """extract_features on every replica of `strategy`, gathered on each host.
+
+  Args:
+    strategy: the tf.distribute strategy `batches` was distributed with.
+    embed_fn: as in extract_features; its variables (if any) were created
+      under `strategy.scope()`.
+    batches: distributed eval batches (tf_ssl.data.pipeline.eval_dataset):
+      every example once over all replicas, padding rows with mask 0.
+    endpoint: which endpoint to keep.
+
+  Returns:
+    (features float32 [N, D], labels int64 [N]) as NumPy arrays, the same
+    on every worker: the features are computed where the model lives (TPU
+    cores, GPUs, every worker's CPUs) and gathered across all replicas, so
+    the k-NN and linear fits that follow see the whole split. Row order
+    follows the replicas, not the source.
+  """
+  def embed(batch):
+    out = tf.cast(embed_fn(batch["image"], training=False)[endpoint], tf.float32)
+    return (tf.reshape(out, [tf.shape(out)[0], -1]), batch["label"], batch["mask"])
+
+  @tf.function
+  def step(batch):
+    return [strategy.gather(t, axis=0)
+            for t in strategy.run(embed, args=(batch,))]
+
+  features, labels = [], []
+  for batch in batches:
+    out, label, mask = (t.numpy() for t in step(batch))
+    keep = mask > 0
+    features.append(out[keep])
+    labels.append(label[keep])
+  if not features:
+    raise ValueError("extract_features got no batches: is the eval split empty?")
+  return np.concatenate(features), np.concatenate(labels)
+
+
 def knn_predict(train_features, train_labels, test_features, num_classes, k=200,
                 temperature=0.1, chunk_size=1024):
   """Weighted k-NN class predictions for each test feature (cosine similarity)."""

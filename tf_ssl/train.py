@@ -79,15 +79,18 @@ def first_examples(source, n):
   return source.take(np.arange(n))
 
 
-def evaluate_features(embed_fn, train_source, test_source, config, batch_size,
-                      name="encoder"):
-  """k-NN and linear top-1 of `embed_fn`'s features on the labelled splits."""
+def evaluate_features(strategy, embed_fn, train_source, test_source, config,
+                      batch_size, name="encoder"):
+  """k-NN and linear top-1 of `embed_fn`'s features on the labelled splits.
+
+  The features are computed on `strategy`'s replicas (batch_size is global)
+  and gathered on every host; the fits run on the host.
+  """
   size = config.data.image_size
   t0 = time.time()
-  train = evaluate.extract_features(
-      embed_fn, pipeline.build_eval(train_source, batch_size, size))
-  test = evaluate.extract_features(
-      embed_fn, pipeline.build_eval(test_source, batch_size, size))
+  train, test = (evaluate.extract_features_distributed(
+      strategy, embed_fn, pipeline.eval_dataset(strategy, source, batch_size, size))
+                 for source in (train_source, test_source))
   classes = test_source.num_classes or int(max(train[1].max(), test[1].max()) + 1)
   t1 = time.time()
   knn = evaluate.knn_accuracy(*train, *test, classes, k=config.knn_k,
@@ -258,17 +261,19 @@ def main(argv):
   train_seconds = time.time() - t_start
 
   # --------------------------------------------------------------- evaluation
-  eval_batch = max(256, config.global_batch_size)
+  eval_batch = -(-max(256, config.global_batch_size) // replicas) * replicas
   train_source = first_examples(train_source, config.final_eval_examples)
   test_source = first_examples(test_source, config.final_eval_examples)
-  results = evaluate_features(model.backbone, train_source, test_source, config,
-                              eval_batch)
+  results = evaluate_features(strategy, model.backbone, train_source, test_source,
+                              config, eval_batch)
   if config.baselines:
     gray = is_grayscale(train_source, d.image_size)
+    with strategy.scope():
+      random_init = build_model(config, 0).backbone
     for prefix, embed in (("raw_pixel_", raw_pixels(gray)),
-                          ("random_init_", build_model(config, 0).backbone)):
-      for key, value in evaluate_features(embed, train_source, test_source,
-                                          config, eval_batch,
+                          ("random_init_", random_init)):
+      for key, value in evaluate_features(strategy, embed, train_source,
+                                          test_source, config, eval_batch,
                                           name=prefix[:-1]).items():
         results[prefix + key] = value
   results.update(eval_train_examples=train_source.num_examples,
