@@ -75,11 +75,12 @@ def _fit_one_step(strategy, method, initial_weights, num_views=2, **model_kwargs
   return model.get_weights(), history.history
 
 
-@pytest.mark.parametrize("method", ["simclr", "supcon"])
-def test_one_step_same_on_1_and_4_replicas(method):
+@pytest.mark.parametrize("method,num_views", [("simclr", 2), ("supcon", 2),
+                                              ("simclr", 3)])
+def test_one_step_same_on_1_and_4_replicas(method, num_views):
   initial = _build(method).get_weights()
-  w1, h1 = _fit_one_step(mirrored(1), method, initial)
-  w4, h4 = _fit_one_step(mirrored(4), method, initial)
+  w1, h1 = _fit_one_step(mirrored(1), method, initial, num_views=num_views)
+  w4, h4 = _fit_one_step(mirrored(4), method, initial, num_views=num_views)
   moved = [not np.allclose(a, b) for a, b in zip(initial, w1)]
   assert sum(moved) >= len(initial) // 2, "the step should change most weights"
   for a, b in zip(w1, w4):
@@ -96,11 +97,30 @@ def test_unlabelled_batch_has_no_probe_loss():
   assert float(out["probe_loss"]) == 0.0
 
 
-def test_simclr_needs_two_views():
-  views, labels = _batch(num_views=3)
+def _numpy_multiview_nt_xent(z, temperature):
+  """SimCLR over V views: each view's positives are the other V - 1 views of
+  its image; the mean over positives of -log softmax over all other views."""
+  v, b, _ = z.shape
+  z = z / np.linalg.norm(z, axis=-1, keepdims=True)
+  flat = z.reshape(v * b, -1)                       # view-major rows
+  image = np.tile(np.arange(b), v)
+  logits = flat @ flat.T / temperature
+  losses = []
+  for i in range(v * b):
+    others = np.arange(v * b) != i
+    log_norm = np.log(np.exp(logits[i, others]).sum())
+    positives = others & (image == image[i])
+    losses.append(np.mean(log_norm - logits[i, positives]))
+  return np.mean(losses)
+
+
+@pytest.mark.parametrize("num_views", [2, 3, 4])
+def test_simclr_loss_over_several_views_matches_numpy(num_views):
+  z = np.random.default_rng(num_views).normal(size=(num_views, 5, 6)).astype("float32")
   model = _build("simclr")
-  with pytest.raises(ValueError, match="2 views"):
-    model.train_step({"views": tf.constant(views), "label": tf.constant(labels)})
+  loss, _ = model._contrastive_loss(  # pylint: disable=protected-access
+      tf.constant(z.reshape(num_views * 5, 6)), None, num_views)
+  np.testing.assert_allclose(float(loss), _numpy_multiview_nt_xent(z, 0.5), rtol=1e-5)
 
 
 def test_supcon_takes_more_views():

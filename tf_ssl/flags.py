@@ -32,7 +32,7 @@ flags.DEFINE_integer("image_size", 32, "Side of the square training views in pix
 flags.DEFINE_float("color_strength", 0.5, "Colour jitter strength s (1.0 ImageNet, 0.5 CIFAR).")
 flags.DEFINE_enum("blur", "auto", ["auto", "on", "off"], "Gaussian blur; auto = on at >= 96 px.")
 flags.DEFINE_float("crop_min_area", 0.08, "Lower bound of the random-resized-crop area fraction.")
-flags.DEFINE_integer("num_views", 2, "Views per image (SimCLR: 2; SupCon may use more).")
+flags.DEFINE_integer("num_views", 2, "Views per image (2 in the papers; with more, SimCLR counts every other view of the image as a positive).")
 flags.DEFINE_enum("cache", "auto", ["auto", "on", "off"], "Cache decoded images in memory; auto: small datasets only.")
 
 # Model.
@@ -181,8 +181,6 @@ def pretrain_config():
   _check(FLAGS.temperature > 0, "temperature", "must be positive.")
   _check(0 < FLAGS.crop_min_area <= 1, "crop_min_area", "must be in (0, 1].")
   _check(FLAGS.num_views >= 2, "num_views", "contrastive learning needs >= 2 views.")
-  _check(FLAGS.method == "supcon" or FLAGS.num_views == 2, "num_views",
-         "SimCLR's NT-Xent takes exactly 2 views; use --method=supcon for more.")
   _check(FLAGS.proj_layers >= 1, "proj_layers", "must be >= 1.")
   _check(FLAGS.eval_every_steps >= 0, "eval_every_steps", "must be >= 0 (0: only at the end).")
   _check(FLAGS.eval_examples >= 1, "eval_examples", "must be >= 1.")

@@ -91,9 +91,15 @@ class ContrastiveModel(keras.Model):
   def _contrastive_loss(self, projection, labels, num_views):
     z = tf.reshape(projection, [num_views, -1, tf.shape(projection)[-1]])
     if self.method == "simclr":
-      if num_views != 2:
-        raise ValueError(f"SimCLR's NT-Xent takes 2 views per image, got {num_views}.")
-      return losses.nt_xent(z[0], z[1], self.temperature)
+      if num_views == 2:
+        return losses.nt_xent(z[0], z[1], self.temperature)
+      # More views: every other view of the same image is a positive, i.e.
+      # SupCon with one class per image (ids unique over replicas), which
+      # equals NT-Xent at two views.
+      local = tf.shape(z)[1]
+      ids = tf.range(local) + distribute.replica_id() * local
+      return losses.supcon(tf.transpose(z, [1, 0, 2]), ids, self.temperature,
+                           base_temperature=self.temperature)
     if labels is None:
       raise ValueError("method='supcon' needs a 'label' in every batch.")
     return losses.supcon(tf.transpose(z, [1, 0, 2]), labels, self.temperature,
