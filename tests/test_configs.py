@@ -225,3 +225,31 @@ def test_finetune_config_parses(path, parse, tmp_path):
   parse(path)
   config = config_fn()
   _check_source_name(config.dataset, tmp_path)
+
+
+@pytest.mark.parametrize("extra, brightness, head", [
+    ([], 2, 2), (["--simclr_version=1"], 1, 1),
+    (["--simclr_version=1", "--head_version=2"], 1, 2),
+    (["--head_version=1"], 2, 1)])
+def test_head_version_follows_simclr_version_unless_given(extra, brightness, head,
+                                                          parse, tmp_path):
+  """--simclr_version picks the brightness jitter and, by default, the head;
+  --head_version picks the head alone (SupCon wants one without the other)."""
+  path = tmp_path / "run.cfg"
+  with open(os.path.join(REPO, "configs", "simclr_fashion_mnist.cfg")) as f:
+    lines = [l for l in f.read().splitlines() if "simclr_version" not in l]
+  path.write_text("\n".join(lines + extra) + "\n")
+  parse(str(path))
+  config = tf_ssl_flags.pretrain_config()
+  assert (config.data.simclr_version, config.model.head_version) == (brightness, head)
+  keras.backend.clear_session()
+  projection = train.build_model(config, 10).projection_head
+  last_bn, last_dense = projection.bn_layers[-1], projection.dense_layers[-1]
+  # RECIPES.md: the v1 head ends in Dense with a bias, the v2 head in Dense-BN.
+  assert (last_bn is not None) == (head == 2)
+  assert last_dense.use_bias == (head == 1)
+  keras.backend.clear_session()
+  path.write_text("\n".join(["--mode=linear", "--train_steps=10"] + extra) + "\n")
+  parse(str(path))
+  finetune = tf_ssl_flags.finetune_config()
+  assert (finetune.simclr_version, finetune.head_version) == (brightness, head)

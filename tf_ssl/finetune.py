@@ -206,7 +206,8 @@ def build_model(config, num_classes):
   head = None
   if config.finetune_proj_layers:
     head = ProjectionHead(hidden_dim=config.proj_hidden_dim, output_dim=config.proj_dim,
-                          num_layers=config.proj_layers, version=config.simclr_version,
+                          num_layers=config.proj_layers,
+                          version=config.head_version or config.simclr_version,
                           sync_bn=config.sync_bn)
     head.build((None, backbone.feature_dim))
   decay = config.weight_decay if (config.mode == "finetune" and

@@ -45,7 +45,8 @@ flags.DEFINE_integer("proj_dim", 128, "Output width of the projection head.")
 
 # Method and optimisation.
 flags.DEFINE_enum("method", "simclr", ["simclr", "supcon"], "Pretraining objective.")
-flags.DEFINE_enum("simclr_version", "2", ["1", "2"], "1: additive brightness, 2: multiplicative (RECIPES.md).")
+flags.DEFINE_enum("simclr_version", "2", ["1", "2"], "Brightness jitter, 1: additive, 2: multiplicative (RECIPES.md); also the default --head_version.")
+flags.DEFINE_enum("head_version", None, ["1", "2"], "Projection head, 1: last Dense with bias, no BN; 2: last Dense-BN (RECIPES.md). Default: --simclr_version.")
 flags.DEFINE_float("temperature", 0.1, "Contrastive softmax temperature.")
 flags.DEFINE_float("supcon_base_temperature", 0.07, "SupCon loss scale is temperature / base temperature.")
 flags.DEFINE_enum("supcon_contrast_mode", "all", ["all", "one"], "SupCon anchors: every view, or the first.")
@@ -110,6 +111,7 @@ class ModelConfig:
   proj_layers: int
   proj_hidden_dim: int
   proj_dim: int
+  head_version: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,6 +177,11 @@ def _run_config():
       keep_checkpoints=FLAGS.keep_checkpoints)
 
 
+def _head_version():
+  """--head_version, or --simclr_version when it is not given."""
+  return int(FLAGS.head_version or FLAGS.simclr_version)
+
+
 def pretrain_config():
   """Validates the pretraining flags and returns a PretrainConfig."""
   _validate_common()
@@ -208,7 +215,7 @@ def pretrain_config():
       model=ModelConfig(
           backbone=FLAGS.backbone, small_image_stem=small_stem, sync_bn=FLAGS.sync_bn,
           proj_layers=FLAGS.proj_layers, proj_hidden_dim=FLAGS.proj_hidden_dim,
-          proj_dim=FLAGS.proj_dim),
+          proj_dim=FLAGS.proj_dim, head_version=_head_version()),
       method=FLAGS.method, temperature=FLAGS.temperature,
       supcon_options=supcon_options, global_batch_size=FLAGS.global_batch_size,
       train_steps=FLAGS.train_steps, train_epochs=FLAGS.train_epochs,
@@ -241,7 +248,7 @@ flags.DEFINE_string("init", None, "Start from: a tf_ssl checkpoint (prefix, chec
                     "(random init).")
 flags.DEFINE_integer("finetune_proj_layers", 0, "Keep this many leading projection-head layers "
                      "from the init (SimCLRv2 fine-tunes from the first); needs --proj_layers, "
-                     "--proj_hidden_dim, --proj_dim, --simclr_version of the pretraining run.")
+                     "--proj_hidden_dim, --proj_dim, --head_version of the pretraining run.")
 flags.DEFINE_integer("finetune_after_block", -1, "finetune mode: -1 trains everything; k in 0..4 "
                      "freezes the stem and blocks 1..k (SimCLR's fine_tune_after_block).")
 flags.DEFINE_float("label_fraction", None, "Train on this class-balanced fraction of the labels (0.01, 0.1).")
@@ -292,6 +299,7 @@ class FinetuneConfig:
   proj_hidden_dim: int = 2048
   proj_dim: int = 128
   simclr_version: int = 2
+  head_version: Optional[int] = None   # None: simclr_version.
   finetune_after_block: int = -1
   zero_init_head: bool = True
   # Optimisation (linear / finetune; hyperrule fixes its own).
@@ -347,6 +355,7 @@ class FinetuneConfig:
     check(self.crop_size <= self.resize_size, "crop_size",
           f"must not exceed --resize_size={self.resize_size}.")
     check(self.mixup_alpha is None or self.mixup_alpha >= 0, "mixup_alpha", "must be >= 0.")
+    check(self.head_version in (None, 1, 2), "head_version", "pick 1 or 2 (None: --simclr_version).")
     check(self.finetune_proj_layers >= 0, "finetune_proj_layers", "must be >= 0.")
     check(self.finetune_proj_layers <= self.proj_layers, "finetune_proj_layers",
           f"the pretrained head has --proj_layers={self.proj_layers} layers.")
@@ -401,6 +410,7 @@ def finetune_config():
   values = {name: getattr(FLAGS, name) for name in fields}
   values.update(small_image_stem=bool(small_stem),
                 simclr_version=int(FLAGS.simclr_version),
+                head_version=_head_version(),
                 cache={"auto": "auto", "on": True, "off": False}[FLAGS.cache])
   if FLAGS.mode == "hyperrule":  # The shared defaults are pretraining's.
     for name in _HYPERRULE_FIXED:

@@ -44,7 +44,7 @@ def build_model(config, num_classes):
                             **backbone_kwargs)
   head = ProjectionHead(hidden_dim=m.proj_hidden_dim, output_dim=m.proj_dim,
                         num_layers=m.proj_layers,
-                        version=config.data.simclr_version, sync_bn=m.sync_bn)
+                        version=m.head_version, sync_bn=m.sync_bn)
   model = ContrastiveModel(backbone, head, num_classes=num_classes or 0,
                            method=config.method, temperature=config.temperature,
                            supcon_options=config.supcon_options)
