@@ -28,3 +28,28 @@ def test_knn_monitor_does_not_repeat_the_evaluation_of_a_resumed_step():
   monitor = callbacks.KnnMonitor(lambda: 0.5, step, every_steps=4)
   _drive(monitor, step, [9, 10, 11, 12])
   assert [s for s, _ in monitor.history] == [12]
+
+
+def test_throughput_logs_progress_with_an_eta(monkeypatch):
+  lines = []
+  monkeypatch.setattr(callbacks.logging, "info", lambda fmt, *a: lines.append(fmt % a))
+  clock = iter(range(0, 1000, 2))  # 2 s between batches
+  monkeypatch.setattr(callbacks.time, "perf_counter", lambda: float(next(clock)))
+  step = tf.Variable(0, dtype=tf.int64)
+  throughput = callbacks.Throughput(8, step, lambda s: 0.1, every_steps=1000,
+                                    total_steps=40, log_every_steps=10)
+  throughput.on_train_begin()
+  for s in range(5, 45, 5):  # 5 steps per execution, 2 s each
+    throughput.on_train_batch_begin(0)
+    step.assign(s)
+    throughput.on_train_batch_end(0, logs={"loss": 2.5})
+  # Every 10 steps: 2.5 steps/s = 20 images/s; 10 steps left at step 30 are 4 s.
+  assert len(lines) == 4, lines
+  assert lines[0].startswith("step 10/40 (25%): 20 images/s, loss 2.5000")
+  assert lines[2].endswith("ETA 00:00:04"), lines[2]
+  assert lines[3].endswith("ETA 00:00:00"), lines[3]
+
+
+def test_eta_format_keeps_counting_hours_past_a_day():
+  assert callbacks._hms(4) == "00:00:04"  # pylint: disable=protected-access
+  assert callbacks._hms(26 * 3600 + 61) == "26:01:01"  # pylint: disable=protected-access

@@ -4,6 +4,7 @@ a guard against non-finite losses, throughput, and TensorBoard scalars."""
 import json
 import math
 import signal
+import sys
 import time
 
 import keras
@@ -78,13 +79,39 @@ class NonFiniteGuard(keras.callbacks.Callback):
             "good checkpoint is kept; lower --learning_rate or check the data.")
 
 
+def _hms(seconds):
+  """Seconds as H:MM:SS, hours unbounded (a week-long run is 168:00:00)."""
+  seconds = int(round(seconds))
+  return f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def progress_log_every(total_steps, lines=20):
+  """Throughput's log_every_steps for a run of total_steps: about `lines`
+  progress lines when stdout is not a terminal, none when it is (the Keras
+  progress bar shows the same there)."""
+  if sys.stdout.isatty():
+    return 0
+  return max(1, total_steps // lines)
+
+
 class Throughput(keras.callbacks.Callback):
   """Adds images/s (one image = all its views) to the logs the progress bar
-  and the summaries show, and writes scalars to TensorBoard."""
+  and the summaries show, and writes scalars to TensorBoard.
+
+  With `log_every_steps` and `total_steps` it also logs a progress line
+  (step, percent, images/s, loss, ETA) each time the step crosses a
+  multiple of log_every_steps: the progress of a run whose output is a log
+  file, where Keras prints one line per epoch.
+  """
 
   def __init__(self, global_batch_size, step_variable, learning_rate_fn,
-               writer=None, every_steps=50, history_path=None):
+               writer=None, every_steps=50, history_path=None,
+               total_steps=None, log_every_steps=0):
     super().__init__()
+    self.total_steps = total_steps
+    self.log_every_steps = log_every_steps
+    self._progress_t0 = None
+    self._progress_step0 = None
     self.global_batch_size = global_batch_size
     self.step = step_variable
     self.learning_rate_fn = learning_rate_fn
@@ -98,16 +125,33 @@ class Throughput(keras.callbacks.Callback):
   def on_train_batch_begin(self, batch, logs=None):
     if self._t0 is None:
       self._t0, self._step0 = time.perf_counter(), int(self.step.numpy())
+      self._progress_t0, self._progress_step0 = self._t0, self._step0
 
   def on_train_batch_end(self, batch, logs=None):
     step = int(self.step.numpy())
-    elapsed = time.perf_counter() - self._t0
+    now = time.perf_counter()
+    elapsed = now - self._t0
     if step > self._step0 and elapsed > 0:
       logs["images_per_sec"] = (step - self._step0) * self.global_batch_size / elapsed
+    if self.log_every_steps and self.total_steps and (
+        step // self.log_every_steps > self._progress_step0 // self.log_every_steps):
+      self.log_progress(step, now, logs)
     if step // self.every_steps > self._last_written // self.every_steps:
       self._last_written = step
-      self._t0, self._step0 = time.perf_counter(), step
+      self._t0, self._step0 = now, step
       self.write(step, logs)
+
+  def log_progress(self, step, now, logs):
+    """One line of progress; the rate is that since the previous line."""
+    rate = (step - self._progress_step0) / max(now - self._progress_t0, 1e-9)
+    self._progress_t0, self._progress_step0 = now, step
+    eta = max(self.total_steps - step, 0) / rate
+    loss = (logs or {}).get("loss")
+    logging.info("step %d/%d (%.0f%%): %.0f images/s, loss %s, ETA %s", step,
+                 self.total_steps, 100. * step / self.total_steps,
+                 rate * self.global_batch_size,
+                 "?" if loss is None else f"{float(loss):.4f}",
+                 _hms(eta))
 
   def write(self, step, logs):
     scalars = {k: float(v) for k, v in (logs or {}).items()}

@@ -407,7 +407,8 @@ def _run(config, strategy, train_source, eval_source, verbose, t_start):
       callbacks.StopAtStep(optimizer.iterations, total_steps),
       callbacks.Throughput(config.global_batch_size, optimizer.iterations, schedule,
                            writer=writer, every_steps=max(1, min(50, total_steps // 20)),
-                           history_path=history_path),
+                           history_path=history_path, total_steps=total_steps,
+                           log_every_steps=callbacks.progress_log_every(total_steps)),
   ]
   saver = None
   if manager is not None:

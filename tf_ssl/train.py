@@ -238,7 +238,8 @@ def main(argv):
       saver,
       callbacks.Throughput(config.global_batch_size, optimizer.iterations, schedule,
                            writer=writer, every_steps=max(1, min(50, total_steps // 20)),
-                           history_path=history_path),
+                           history_path=history_path, total_steps=total_steps,
+                           log_every_steps=callbacks.progress_log_every(total_steps)),
   ]
   if config.eval_every_steps:
     # Before Throughput, so its row of history.jsonl carries knn_top1 and the
