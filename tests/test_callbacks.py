@@ -53,3 +53,37 @@ def test_throughput_logs_progress_with_an_eta(monkeypatch):
 def test_eta_format_keeps_counting_hours_past_a_day():
   assert callbacks._hms(4) == "00:00:04"  # pylint: disable=protected-access
   assert callbacks._hms(26 * 3600 + 61) == "26:01:01"  # pylint: disable=protected-access
+
+
+class _Manager:
+  def __init__(self):
+    self.saved = []
+
+  def save(self, checkpoint_number):
+    self.saved.append(checkpoint_number)
+    return f"ckpt-{checkpoint_number}"
+
+
+class _Model:
+  stop_training = False
+
+
+def test_a_sigterm_on_another_worker_saves_and_stops_this_one():
+  # The workers agree at each step boundary; here another worker's SIGTERM
+  # arrives before step 6 and this process never got one.
+  step = tf.Variable(0, dtype=tf.int64)
+  elsewhere = {"step": 6}
+  manager = _Manager()
+  saver = callbacks.CheckpointAndPreemption(
+      manager, step, every_steps=4,
+      any_worker=lambda flag: flag or int(step.numpy()) >= elsewhere["step"])
+  saver.set_model(_Model())
+  saver.on_train_begin()
+  try:
+    for s in (2, 4, 6):
+      step.assign(s)
+      saver.on_train_batch_end(0)
+  finally:
+    saver.on_train_end()
+  assert manager.saved == [4, 6]
+  assert saver.preempted and saver.model.stop_training

@@ -306,3 +306,53 @@ def test_trainer_on_two_workers_writes_once_and_resumes(tmp_path, image_folder):
   assert not scratch.parent.exists(), "the last worker out removes <workdir>/tmp"
   print(f"\ntwo-worker trainer: {first_run:.0f} s for 4 steps with export, "
         f"{second_run:.0f} s to resume to step 6")
+
+
+def test_sigterm_to_one_worker_checkpoints_both_and_resumes(tmp_path, image_folder):
+  """A save is collective, so a SIGTERM that reaches only worker 1 must make
+  both workers save the same step and exit cleanly (not hang in mismatched
+  collectives or fail), and the chief's checkpoint resumes the pair."""
+  workdir = tmp_path / "run"
+  ports = _free_ports(2)
+  flags = [f"--workdir={workdir}", f"--dataset=folder:{image_folder}",
+           *_trainer_flags(), "--strategy=multi_worker", "--export=false",
+           "--train_steps=400", "--checkpoint_every_steps=1000"]
+  procs, paths = [], []
+  try:
+    for i in range(2):
+      tf_config = {"cluster": {"worker": [f"localhost:{p}" for p in ports]},
+                   "task": {"type": "worker", "index": i}}
+      env = dict(os.environ, TF_CONFIG=json.dumps(tf_config),
+                 CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
+      paths.append(tmp_path / f"worker{i}.log")
+      with open(paths[-1], "w") as log:
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "tf_ssl.train", *flags], cwd=REPO, env=env,
+            stdout=log, stderr=subprocess.STDOUT))
+    # Signal once worker 1 is training: its first progress line (every 5%).
+    deadline = time.time() + TRAIN_TIMEOUT
+    while time.time() < deadline and "step 20/400" not in paths[1].read_text():
+      assert all(p.poll() is None for p in procs), paths[1].read_text()[-3000:]
+      time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=120) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  outputs = [path.read_text() for path in paths]
+  assert codes == [0, 0], [o[-3000:] for o in outputs]
+  [step] = _checkpoint_steps(workdir / "checkpoints")
+  assert 20 <= step < 400
+  for output in outputs:
+    assert f"Preempted at step {step}" in output, output[-3000:]
+  assert "Another worker got SIGTERM" in outputs[0]
+
+  # The same command with a nearer end resumes both workers from that step.
+  _, outputs = _train_on_two_workers(
+      workdir, image_folder, tmp_path, "--train_steps=%d" % (step + 2),
+      "--checkpoint_every_steps=1000", "--export=false")
+  for output in outputs:
+    assert f"Resumed from {workdir}/checkpoints/ckpt-{step}" in output, output[-3000:]
+  assert _checkpoint_steps(workdir / "checkpoints")[-1] == step + 2

@@ -19,13 +19,19 @@ class CheckpointAndPreemption(keras.callbacks.Callback):
   the checkpoint is written at the next step boundary, where the model and
   optimizer state are consistent, and training stops. Rerunning the same
   command restores the latest checkpoint.
+
+  In a multi-worker cluster a save is collective, so the workers first agree
+  at every step boundary whether any of them got SIGTERM (`any_worker`, e.g.
+  tf_ssl.distribute.any_worker(strategy)); then all save the same step and
+  stop together, even when the signal reached only one of them.
   """
 
-  def __init__(self, manager, step_variable, every_steps):
+  def __init__(self, manager, step_variable, every_steps, any_worker=bool):
     super().__init__()
     self.manager = manager
     self.step = step_variable
     self.every_steps = every_steps
+    self.any_worker = any_worker
     self.preempted = False
     self._last_saved = None
     self._previous_handler = None
@@ -48,7 +54,10 @@ class CheckpointAndPreemption(keras.callbacks.Callback):
     self._last_saved = int(self.step.numpy())
 
   def on_train_batch_end(self, batch, logs=None):
-    if self.preempted:
+    if self.any_worker(self.preempted):
+      if not self.preempted:
+        logging.warning("Another worker got SIGTERM: saving a checkpoint.")
+      self.preempted = True
       self._save()
       self.model.stop_training = True
     elif int(self.step.numpy()) - self._last_saved >= self.every_steps:

@@ -153,3 +153,33 @@ def worker_info(strategy):
   is_chief = task_type == "chief" or (not has_chief and task_type == "worker"
                                       and task_id == 0)
   return is_chief, task_id
+
+
+def num_workers(strategy):
+  """Processes (chief and workers) of `strategy`'s cluster; 1 without one."""
+  resolver = getattr(strategy, "cluster_resolver", None)
+  if not getattr(resolver, "task_type", None):
+    return 1
+  spec = resolver.cluster_spec().as_dict()
+  return max(1, len(spec.get("chief", [])) + len(spec.get("worker", [])))
+
+
+def any_worker(strategy):
+  """A function flag -> bool: whether `flag` is true on any worker.
+
+  For a MultiWorkerMirroredStrategy over several workers it is a collective
+  all-reduce, so every worker must call it at the same point of the run.
+  For every other strategy (one process drives all the replicas) it is the
+  flag itself and costs nothing.
+  """
+  if (not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+      or num_workers(strategy) == 1):
+    return bool
+
+  @tf.function
+  def reduce(flag):
+    def count():
+      ctx = tf.distribute.get_replica_context()
+      return ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(flag, tf.int32))
+    return strategy.experimental_local_results(strategy.run(count))[0]
+  return lambda flag: int(reduce(tf.constant(bool(flag)))) > 0

@@ -413,7 +413,8 @@ def _run(config, strategy, train_source, eval_source, verbose, t_start):
   saver = None
   if manager is not None:
     saver = callbacks.CheckpointAndPreemption(manager, optimizer.iterations,
-                                              config.checkpoint_every_steps)
+                                              config.checkpoint_every_steps,
+                                              distribute.any_worker(strategy))
     fit_callbacks.insert(2, saver)
   remaining = total_steps - start_step
   last_logs = {}

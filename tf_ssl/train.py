@@ -230,7 +230,8 @@ def main(argv):
                                      cache=False, shuffle_buffer=0)
     plots.write_view_grid(writer, next(iter(sample))["views"], step=0)
   saver = callbacks.CheckpointAndPreemption(manager, optimizer.iterations,
-                                            run.checkpoint_every_steps)
+                                            run.checkpoint_every_steps,
+                                            distribute.any_worker(strategy))
   history_path = os.path.join(own_dir, "history.jsonl")
   fit_callbacks = [
       callbacks.NonFiniteGuard(optimizer.iterations),
