@@ -87,3 +87,10 @@ def test_a_sigterm_on_another_worker_saves_and_stops_this_one():
     saver.on_train_end()
   assert manager.saved == [4, 6]
   assert saver.preempted and saver.model.stop_training
+
+
+def test_progress_lines_only_replace_the_missing_progress_bar():
+  assert callbacks.progress_log_every(3042, verbose=2) == 152  # ~20 lines
+  assert callbacks.progress_log_every(7, verbose=2) == 1
+  assert callbacks.progress_log_every(3042, verbose=1) == 0  # the bar shows it
+  assert callbacks.progress_log_every(3042, verbose=0) == 0  # silent tools

@@ -199,10 +199,11 @@ def _trainer_flags():
           if not f.startswith(("--strategy=", "--export="))]
 
 
-def _train_on_two_workers(workdir, folder, logs, *extra):
+def _train_on_two_workers(workdir, folder, logs, *extra, while_running=None):
   """Runs `python -m tf_ssl.train` as workers 0 and 1 of one TF_CONFIG
   cluster until both exit; fails, after killing both, if either fails or the
-  pair outlives TRAIN_TIMEOUT. Returns ([pid], [merged stdout+stderr])."""
+  pair outlives TRAIN_TIMEOUT. `while_running(procs, log_paths)`, if given,
+  is called once both have started. Returns ([pid], [merged stdout+stderr])."""
   ports = _free_ports(2)
   procs, paths = [], []
   try:
@@ -218,6 +219,8 @@ def _train_on_two_workers(workdir, folder, logs, *extra):
              f"--dataset=folder:{folder}", *_trainer_flags(),
              "--strategy=multi_worker", *extra],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+    if while_running is not None:
+      while_running(procs, paths)
     deadline = time.time() + TRAIN_TIMEOUT
     # A worker that fails leaves the other waiting for it (up to an hour at
     # start-up), so stop at the first failure rather than at the deadline.
@@ -313,36 +316,19 @@ def test_sigterm_to_one_worker_checkpoints_both_and_resumes(tmp_path, image_fold
   both workers save the same step and exit cleanly (not hang in mismatched
   collectives or fail), and the chief's checkpoint resumes the pair."""
   workdir = tmp_path / "run"
-  ports = _free_ports(2)
-  flags = [f"--workdir={workdir}", f"--dataset=folder:{image_folder}",
-           *_trainer_flags(), "--strategy=multi_worker", "--export=false",
-           "--train_steps=400", "--checkpoint_every_steps=1000"]
-  procs, paths = [], []
-  try:
-    for i in range(2):
-      tf_config = {"cluster": {"worker": [f"localhost:{p}" for p in ports]},
-                   "task": {"type": "worker", "index": i}}
-      env = dict(os.environ, TF_CONFIG=json.dumps(tf_config),
-                 CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
-      paths.append(tmp_path / f"worker{i}.log")
-      with open(paths[-1], "w") as log:
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "tf_ssl.train", *flags], cwd=REPO, env=env,
-            stdout=log, stderr=subprocess.STDOUT))
-    # Signal once worker 1 is training: its first progress line (every 5%).
+
+  def signal_worker_1_once_training(procs, paths):
+    # Its first progress line (every 5% of the 400 steps) says it trains.
     deadline = time.time() + TRAIN_TIMEOUT
     while time.time() < deadline and "step 20/400" not in paths[1].read_text():
       assert all(p.poll() is None for p in procs), paths[1].read_text()[-3000:]
       time.sleep(0.2)
     procs[1].send_signal(signal.SIGTERM)
-    codes = [p.wait(timeout=120) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  outputs = [path.read_text() for path in paths]
-  assert codes == [0, 0], [o[-3000:] for o in outputs]
+
+  _, outputs = _train_on_two_workers(
+      workdir, image_folder, tmp_path, "--train_steps=400",
+      "--checkpoint_every_steps=1000", "--export=false",
+      while_running=signal_worker_1_once_training)
   [step] = _checkpoint_steps(workdir / "checkpoints")
   assert 20 <= step < 400
   for output in outputs:

@@ -94,13 +94,19 @@ def _hms(seconds):
   return f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def progress_log_every(total_steps, lines=20):
+def keras_verbosity(verbose=None):
+  """model.fit's verbose: the given one, else a progress bar (1) on a
+  terminal and one line per epoch (2) elsewhere."""
+  if verbose is not None:
+    return verbose
+  return 1 if sys.stdout.isatty() else 2
+
+
+def progress_log_every(total_steps, verbose, lines=20):
   """Throughput's log_every_steps for a run of total_steps: about `lines`
-  progress lines when stdout is not a terminal, none when it is (the Keras
-  progress bar shows the same there)."""
-  if sys.stdout.isatty():
-    return 0
-  return max(1, total_steps // lines)
+  progress lines with Keras' one-line-per-epoch output (verbose 2), none
+  with its progress bar (1, which shows the same) or in silence (0)."""
+  return max(1, total_steps // lines) if verbose == 2 else 0
 
 
 class Throughput(keras.callbacks.Callback):

@@ -35,7 +35,6 @@ Library use (no flags), e.g. from a tool running many label counts:
 import json
 import math
 import os
-import sys
 import time
 
 from absl import app
@@ -402,13 +401,14 @@ def _run(config, strategy, train_source, eval_source, verbose, t_start):
   if workdir:
     writer = tf.summary.create_file_writer(os.path.join(workdir, "summaries"))
     history_path = os.path.join(workdir, "history.jsonl")
+  verbose = callbacks.keras_verbosity(verbose)
   fit_callbacks = [
       callbacks.NonFiniteGuard(optimizer.iterations),
       callbacks.StopAtStep(optimizer.iterations, total_steps),
       callbacks.Throughput(config.global_batch_size, optimizer.iterations, schedule,
                            writer=writer, every_steps=max(1, min(50, total_steps // 20)),
                            history_path=history_path, total_steps=total_steps,
-                           log_every_steps=callbacks.progress_log_every(total_steps)),
+                           log_every_steps=callbacks.progress_log_every(total_steps, verbose)),
   ]
   saver = None
   if manager is not None:
@@ -430,7 +430,7 @@ def _run(config, strategy, train_source, eval_source, verbose, t_start):
         initial_epoch=start_step // chunk,
         epochs=start_step // chunk + int(math.ceil(remaining / chunk)),
         callbacks=fit_callbacks,
-        verbose=(1 if sys.stdout.isatty() else 2) if verbose is None else verbose)
+        verbose=verbose)
     last_logs = {k: float(v[-1]) for k, v in history.history.items() if v}
   step = int(optimizer.iterations.numpy())
   if saver is not None and saver.preempted:

@@ -11,7 +11,6 @@ the same step, optimizer state and learning rate.
 import json
 import math
 import os
-import sys
 import time
 
 from absl import app
@@ -233,6 +232,7 @@ def main(argv):
                                             run.checkpoint_every_steps,
                                             distribute.any_worker(strategy))
   history_path = os.path.join(own_dir, "history.jsonl")
+  verbose = callbacks.keras_verbosity()
   fit_callbacks = [
       callbacks.NonFiniteGuard(optimizer.iterations),
       callbacks.StopAtStep(optimizer.iterations, total_steps),
@@ -240,7 +240,7 @@ def main(argv):
       callbacks.Throughput(config.global_batch_size, optimizer.iterations, schedule,
                            writer=writer, every_steps=max(1, min(50, total_steps // 20)),
                            history_path=history_path, total_steps=total_steps,
-                           log_every_steps=callbacks.progress_log_every(total_steps)),
+                           log_every_steps=callbacks.progress_log_every(total_steps, verbose)),
   ]
   if config.eval_every_steps:
     # Before Throughput, so its row of history.jsonl carries knn_top1 and the
@@ -255,7 +255,7 @@ def main(argv):
     model.fit(train_data, steps_per_epoch=chunk, shuffle=False,
               initial_epoch=start_step // chunk,
               epochs=start_step // chunk + int(math.ceil(remaining / chunk)),
-              callbacks=fit_callbacks, verbose=1 if sys.stdout.isatty() else 2)
+              callbacks=fit_callbacks, verbose=verbose)
   if saver.preempted:
     logging.warning("Preempted at step %d; rerun the same command to resume.",
                     int(optimizer.iterations.numpy()))
