@@ -123,10 +123,6 @@ class Throughput(keras.callbacks.Callback):
                writer=None, every_steps=50, history_path=None,
                total_steps=None, log_every_steps=0):
     super().__init__()
-    self.total_steps = total_steps
-    self.log_every_steps = log_every_steps
-    self._progress_t0 = None
-    self._progress_step0 = None
     self.global_batch_size = global_batch_size
     self.step = step_variable
     self.learning_rate_fn = learning_rate_fn
@@ -136,6 +132,10 @@ class Throughput(keras.callbacks.Callback):
     self._t0 = None
     self._step0 = None
     self._last_written = -1
+    self.total_steps = total_steps
+    self.log_every_steps = log_every_steps
+    self._progress_t0 = None
+    self._progress_step0 = None
 
   def on_train_batch_begin(self, batch, logs=None):
     if self._t0 is None:
