@@ -86,6 +86,27 @@ def test_lars_matches_numpy_reference(weight_decay, nesterov):
                              decay, adapt, nesterov, weight_decay, lr, eeta)
 
 
+@pytest.mark.parametrize("nesterov", [False, True], ids=["classic", "nesterov"])
+def test_momentum_sgd_adds_weight_decay_to_the_gradient(nesterov):
+  """PyTorch's SGD(momentum, weight_decay): g + wd * w before the momentum,
+  the excluded variable undecayed and no trust ratio anywhere."""
+  rng = np.random.default_rng(1)
+  shapes = {"dense/kernel": (3, 4), "dense/bias": (4,), "bn/gamma": (4,)}
+  w0 = [rng.normal(size=s) for s in shapes.values()]
+  variables = [keras.Variable(w, name=n.replace("/", "_"), dtype="float64")
+               for n, w in zip(shapes, w0)]
+  lr, weight_decay = 0.3, 0.1
+  optimizer = optim.momentum_sgd(lr, momentum=0.9, weight_decay=weight_decay,
+                                 nesterov=nesterov,
+                                 exclude_from_weight_decay=("gamma$", "bias$"))
+  grad_steps = [[rng.normal(size=s) for s in shapes.values()] for _ in range(5)]
+  for grads in grad_steps:
+    optimizer.apply_gradients(zip(grads, variables))
+  decay = [n == "dense/kernel" for n in shapes]
+  assert_matches_reference(optimizer, variables, w0, grad_steps, decay,
+                           [False] * 3, nesterov, weight_decay, lr, eeta=1.0)
+
+
 def make_model():
   """A small model with every kind of variable the default exclusions name."""
   inputs = keras.Input((6, 6, 3))

@@ -59,7 +59,7 @@ flags.DEFINE_float("warmup_epochs", 10, "Linear warmup length in epochs.")
 flags.DEFINE_enum("optimizer", "lars", ["lars", "sgd", "adamw"], "Optimiser.")
 flags.DEFINE_float("learning_rate", 0.3, "Base learning rate before --lr_scaling.")
 flags.DEFINE_enum("lr_scaling", "linear", ["linear", "sqrt", "none"], "linear: lr*B/256, sqrt: lr*sqrt(B).")
-flags.DEFINE_float("weight_decay", 1e-6, "Weight decay (inside LARS; decoupled, i.e. lr * wd * w, for SGD and AdamW).")
+flags.DEFINE_float("weight_decay", 1e-6, "Weight decay (added to the gradient for LARS and SGD, as the references; decoupled, lr * wd * w, for AdamW).")
 flags.DEFINE_float("momentum", 0.9, "Momentum of LARS and SGD.")
 
 # Checkpoints, evaluation, export.

@@ -134,9 +134,9 @@ class LARS(keras.optimizers.Optimizer):
                                  self.adaptation_exclusions):
       if not any(re.search(pattern, p) for p in paths):
         logging.warning(
-            "LARS: exclusion pattern %r matches none of the %d variable "
+            "%s: exclusion pattern %r matches none of the %d variable "
             "paths; check the layer names if it should exclude something.",
-            pattern, len(paths))
+            self.name, pattern, len(paths))
     # Python bools, so each variable's update is traced without branches.
     self._use_decay = tuple(
         self.lars_weight_decay > 0 and self._use_weight_decay(v) and
@@ -144,7 +144,7 @@ class LARS(keras.optimizers.Optimizer):
         for v, p in zip(variables, paths))
     self._use_adaptation = tuple(
         not _matches(self.adaptation_exclusions, p) for p in paths)
-    logging.info("LARS: %d variables, %d with weight decay, %d adapted.",
+    logging.info("%s: %d variables, %d with weight decay, %d adapted.", self.name,
                  len(paths), sum(self._use_decay), sum(self._use_adaptation))
     self.momentums = [
         self.add_variable_from_reference(v, name="momentum") for v in variables
@@ -189,6 +189,24 @@ class LARS(keras.optimizers.Optimizer):
         "exclude_from_adaptation": list(self.adaptation_exclusions),
     })
     return config
+
+
+def momentum_sgd(learning_rate, momentum=0.9, weight_decay=0.0, nesterov=False,
+                 exclude_from_weight_decay=DEFAULT_EXCLUDE):
+  """Momentum SGD with weight decay added to the gradient, before momentum.
+
+      g' = g + weight_decay * w   (unless excluded)
+      v = momentum * v + lr * g';  w = w - v
+
+  This is PyTorch's SGD(weight_decay=...) (the SupCon reference) and the L2
+  loss term of the SimCLR reference. Keras' SGD(weight_decay=...) decays
+  decoupled instead (w -= lr * wd * w), which at momentum 0.9 is about 10x
+  weaker in steady state. It is LARS with the trust ratio off for every
+  variable, so it shares LARS' exclusions (norms, biases, heads) and tests.
+  """
+  return LARS(learning_rate, momentum=momentum, weight_decay=weight_decay,
+              nesterov=nesterov, exclude_from_weight_decay=exclude_from_weight_decay,
+              exclude_from_adaptation=("",), name="sgd")
 
 
 def scale_learning_rate(base_lr, global_batch_size, scaling="linear"):

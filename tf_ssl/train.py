@@ -62,9 +62,8 @@ def build_optimizer(config, steps_per_epoch, total_steps):
   if config.optimizer == "lars":
     opt = optim.LARS(schedule, momentum=config.momentum, weight_decay=config.weight_decay)
   elif config.optimizer == "sgd":
-    opt = keras.optimizers.SGD(schedule, momentum=config.momentum,
-                               weight_decay=config.weight_decay or None)
-    opt.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
+    opt = optim.momentum_sgd(schedule, momentum=config.momentum,
+                             weight_decay=config.weight_decay)
   else:
     opt = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
     opt.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
