@@ -105,11 +105,10 @@ assert sorted(serving.structured_outputs) == endpoints, serving.structured_outpu
 
 def check(got, mode, key, via):
   assert sorted(got) == endpoints, (via, sorted(got))
-  # Training mode normalises with the statistics of the batch (2 rows here):
-  # where two rows nearly agree, the variance is tiny and float rounding
-  # between graph and eager kernels is amplified (CI once saw 1.3e-3 relative
-  # on one element). Moving statistics instead of batch statistics would
-  # still be off by O(1), so 1e-3 keeps the check meaningful.
+  # Training mode normalises with the statistics of the batch: float
+  # rounding between graph and eager kernels is amplified where the rows
+  # nearly agree (small batch variance). Moving statistics instead of batch
+  # statistics would still be off by O(1), so 1e-3 keeps the check meaningful.
   tol = 1e-5 if mode == "inference" else 1e-3
   for name in endpoints:
     want = ref[f"{mode}/{key}/{name}"]
@@ -123,7 +122,11 @@ for key in keys:  # Inference first: training calls move BN statistics.
   check(loaded(images, training=False), "inference", key, "__call__")
   check(serving(images=images), "inference", key, "serving_default")
   check(loaded.call_endpoint(images), "inference", key, "call_endpoint")
-for key in keys:
+# Training mode on the 5-row batches only: in a 2-row batch a BN output is
+# +-(a - b) / sqrt((a - b)^2 + 4 eps) per column, where a - b is a difference
+# of two nearly equal numbers in some columns, so any rounding moves it by
+# percent (CI saw 1.3e-3, then 5.6e-2 relative in the v2 head's last BN).
+for key in [k for k in keys if int(k.split("x")[0]) >= 5]:
   images = tf.constant(ref[f"images/{key}"])
   check(loaded(images, training=True), "training", key, "__call__")
   check(loaded.call_training_endpoint(images), "training", key,

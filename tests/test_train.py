@@ -88,26 +88,25 @@ def test_tiny_run_writes_results_and_resumes_after_sigterm_and_sigkill(tmp_path,
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
     tmp_path, image_folder):
   workdir = tmp_path / "run"
-  steps = ["--train_steps=8", "--checkpoint_every_steps=2"]
   first = _run(_command(workdir, image_folder, "--train_steps=4",
                         "--checkpoint_every_steps=2"))
   assert first.returncode == 0, first.stderr[-3000:]
   # Resumed from step 4, a learning rate of 1e30 overflows the weights within
   # a step or two and the loss turns NaN.
-  diverged = _run(_command(workdir, image_folder, *steps, "--learning_rate=1e30"))
+  diverged = _run(_command(workdir, image_folder, "--train_steps=8",
+                           "--checkpoint_every_steps=2", "--learning_rate=1e30"))
   assert diverged.returncode != 0
   match = re.search(r"(loss|grad_norm_per_replica) is (nan|inf|-inf) at step (\d+)",
                     diverged.stderr)
   assert match, diverged.stderr[-3000:]
   assert int(match.group(3)) > 4
   assert max(_steps(workdir)) == 4, "no checkpoint after the last good step"
-  # The kept checkpoint is finite and resumes at the usual learning rate.
-  resumed = _run(_command(workdir, image_folder, *steps))
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert "Resumed from" in resumed.stderr and "ckpt-4" in resumed.stderr
-  assert max(_steps(workdir)) == 8
-  results = json.loads((workdir / "results.json").read_text())
-  assert results["train_steps"] == 8 and np.isfinite(results["knn_top1"])
+  # The kept checkpoint holds finite weights (resuming one is tested above).
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  reader = tf.train.load_checkpoint(str(workdir / "checkpoints" / "ckpt-4"))
+  floats = [reader.get_tensor(name) for name, dtype in
+            reader.get_variable_to_dtype_map().items() if dtype.is_floating]
+  assert len(floats) > 50 and all(np.isfinite(t).all() for t in floats)
 
 
 def _steps(workdir):
