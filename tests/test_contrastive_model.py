@@ -99,7 +99,9 @@ def test_unlabelled_batch_has_no_probe_loss():
 
 def _numpy_multiview_nt_xent(z, temperature):
   """SimCLR over V views: each view's positives are the other V - 1 views of
-  its image; the mean over positives of -log softmax over all other views."""
+  its image; per anchor, the mean over positives of -log softmax over all
+  other views; summed over views of each view's batch mean (at V = 2,
+  objective.py's loss_a + loss_b)."""
   v, b, _ = z.shape
   z = z / np.linalg.norm(z, axis=-1, keepdims=True)
   flat = z.reshape(v * b, -1)                       # view-major rows
@@ -111,7 +113,7 @@ def _numpy_multiview_nt_xent(z, temperature):
     log_norm = np.log(np.exp(logits[i, others]).sum())
     positives = others & (image == image[i])
     losses.append(np.mean(log_norm - logits[i, positives]))
-  return np.mean(losses)
+  return np.sum(np.reshape(losses, [v, b]).mean(axis=1))
 
 
 @pytest.mark.parametrize("num_views", [2, 3, 4])

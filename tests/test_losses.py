@@ -1,6 +1,6 @@
 """NT-Xent and SupCon against float64 NumPy references written from the
-formulas (RECIPES.md), with central finite-difference gradients, and against
-themselves on 1, 2 and 4 replicas."""
+formulas (docs/recipes.md) at the reference code's scales, with central
+finite-difference gradients, and against themselves on 1, 2 and 4 replicas."""
 
 import functools
 import itertools
@@ -32,16 +32,20 @@ def _logsumexp(x):
 
 
 def np_nt_xent(z1, z2, tau):
-  """Mean over the 2N anchors of -log softmax of the positive among the other
-  view of every example and the same view of every other example."""
+  """SimCLR's loss_a + loss_b (objective.py, tf2/objective.py): for each
+  direction, the batch mean of -log softmax of the positive among the other
+  view of every example and the same view of every other example; the two
+  means are added, not averaged."""
   z1, z2 = _normalize(z1), _normalize(z2)
   n = len(z1)
-  losses = []
+  total = 0.0
   for a, b in ((z1, z2), (z2, z1)):
+    losses = []
     for i in range(n):
       others = np.concatenate([b @ a[i], np.delete(a @ a[i], i)]) / tau
       losses.append(-(b[i] @ a[i] / tau - _logsumexp(others)))
-  return np.mean(losses)
+    total += np.mean(losses)
+  return total
 
 
 def np_supcon(features, labels, tau, base_tau, mode, summation, denominator):
@@ -180,13 +184,29 @@ def test_supcon_metrics_match_numpy():
   np.testing.assert_allclose(metrics["contrast_entropy"].numpy(), entropy, **TOL)
 
 
-def test_supcon_with_distinct_labels_is_nt_xent():
+def test_supcon_with_distinct_labels_is_half_nt_xent():
+  # Each reference's scale: SupCon averages over the 2B anchors, SimCLR adds
+  # the two directions' batch means.
   feats = np.stack([Z1, Z2], axis=1)
   want = nt_xent(Z1, Z2, TAU)[0]
   for summation, denominator in itertools.product(("outside", "inside"),
                                                   ("all", "negatives")):
     got = supcon(feats, np.arange(8), TAU, TAU, "all", summation, denominator)[0]
-    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(2 * got.numpy(), want.numpy(), rtol=1e-6)
+
+
+def test_nt_xent_is_the_sum_of_both_directions():
+  # loss_a + loss_b of objective.py, each a mean over the B rows: twice the
+  # mean over all 2B anchors.
+  z1, z2 = _normalize(Z1.astype(np.float64)), _normalize(Z2.astype(np.float64))
+  logits_ab, logits_aa = z1 @ z2.T / TAU, z1 @ z1.T / TAU - 1e9 * np.eye(8)
+  logits_ba, logits_bb = z2 @ z1.T / TAU, z2 @ z2.T / TAU - 1e9 * np.eye(8)
+  def ce(ab, aa):
+    full = np.concatenate([ab, aa], axis=1)
+    m = full.max(1, keepdims=True)
+    return np.log(np.exp(full - m).sum(1)) + m[:, 0] - np.diag(ab)
+  want = np.mean(ce(logits_ab, logits_aa)) + np.mean(ce(logits_ba, logits_bb))
+  np.testing.assert_allclose(nt_xent(Z1, Z2, TAU)[0].numpy(), want, **TOL)
 
 
 # ------------------------------------------------------------- replicas
@@ -204,19 +224,21 @@ def test_nt_xent_across_replicas(strategy):
     np.testing.assert_allclose(got.numpy(), want_g, **TOL)
 
 
+@pytest.mark.parametrize("case", ["2views"])
 @pytest.mark.parametrize("mode,summation,denominator",
                          [("all", "outside", "all"), ("one", "inside", "negatives")])
-def test_supcon_across_replicas(strategy, mode, summation, denominator):
-  fn = lambda x: supcon(x, _local(LABELS), TAU, BASE_TAU, mode, summation,
+def test_supcon_across_replicas(strategy, case, mode, summation, denominator):
+  feats, labels = CASES[case]
+  fn = lambda x: supcon(x, _local(labels), TAU, BASE_TAU, mode, summation,
                         denominator)[0]
-  loss, (grad,) = run_sharded(strategy, fn, FEATS)
-  want, want_grad = supcon_expected("2views", mode, summation, denominator)
+  loss, (grad,) = run_sharded(strategy, fn, feats)
+  want, want_grad = supcon_expected(case, mode, summation, denominator)
   np.testing.assert_allclose(loss.numpy(), want, **TOL)
   np.testing.assert_allclose(grad.numpy(), want_grad, **TOL)
 
 
-def test_supcon_is_nt_xent_across_replicas(strategy):
-  fn = lambda a, b: supcon(tf.stack([a, b], 1), _local(np.arange(8)), TAU, TAU)[0]
+def test_supcon_is_half_nt_xent_across_replicas(strategy):
+  fn = lambda a, b: 2 * supcon(tf.stack([a, b], 1), _local(np.arange(8)), TAU, TAU)[0]
   loss, grads = run_sharded(strategy, fn, Z1, Z2)
   want, want_grads = nt_xent_expected(TAU)
   np.testing.assert_allclose(loss.numpy(), want, **TOL)

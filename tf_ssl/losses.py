@@ -1,10 +1,20 @@
 """Contrastive losses with negatives drawn from every replica.
 
 Both losses take the LOCAL (per-replica) projections, gather them over all
-replicas with a differentiable all-gather, and return the mean over the local
-anchors. They never divide by the replica count: the train step does that in
-exactly one place (RECIPES.md, "NT-Xent"; the SimCLR reference does the same).
-Outside a replica context they are ordinary single-device losses.
+replicas with a differentiable all-gather, and reduce over the local anchors
+only. They never divide by the replica count: the train step does that in
+exactly one place (docs/recipes.md, "NT-Xent"; the SimCLR reference's
+tf2/run.py does the same). Outside a replica context they are ordinary
+single-device losses.
+
+Scales follow each method's reference code, which matters under LARS (the
+trust ratio cancels the loss scale for adapted variables but not for the
+excluded BN parameters and biases, and weight decay is added to the gradient
+before the ratio) and under SGD (it is the learning rate):
+  nt_xent: the SUM of the two directions' batch means, loss_a + loss_b, as
+    both SimCLR codebases optimise (objective.py, tf2/objective.py).
+  supcon: the mean over all anchors (SupContrast's losses.py).
+So `supcon` with distinct labels and two views is HALF of `nt_xent`.
 """
 
 import tensorflow as tf
@@ -33,12 +43,15 @@ def nt_xent(z1, z2, temperature):
 
   For the local row i with global index g = i + replica_id * B, the anchor
   z1_i is scored against z2 of every example (the positive is z2_g) and z1 of
-  every other example; the z2 side is symmetric (RECIPES.md, "NT-Xent").
+  every other example; the z2 side is symmetric (docs/recipes.md, "NT-Xent").
 
-  Convention: the loss is the mean cross-entropy over the 2B local anchors of
-  both directions, i.e. half of the reference's mean(CE(ab|aa) + CE(ba|bb)).
-  This makes `supcon` with distinct labels, two views and
-  base_temperature == temperature equal to it exactly.
+  Scale: the reference's loss_a + loss_b, i.e. mean_i CE(ab|aa)_i +
+  mean_i CE(ba|bb)_i over the B local rows (SimCLR's objective.py and
+  tf2/objective.py). This is twice the mean over the 2B anchors, and twice
+  `supcon` with distinct labels, two views and base_temperature ==
+  temperature. Halving it is not harmless: under LARS it halves the step of
+  the variables excluded from adaptation (BN, biases) and doubles weight
+  decay relative to the gradient; under SGD it halves the learning rate.
 
   Args:
     z1: [B, D] projections of the first view on this replica (any float dtype;
@@ -47,8 +60,8 @@ def nt_xent(z1, z2, temperature):
     temperature: softmax temperature tau > 0 (0.1 ImageNet, 0.5 CIFAR).
 
   Returns:
-    (loss, metrics): loss is a float32 scalar, the mean over this replica's
-    anchors (not divided by the replica count). metrics holds float32 scalars
+    (loss, metrics): loss is a float32 scalar, the sum of the two directions'
+    means over this replica's rows (not divided by the replica count). metrics holds float32 scalars
     without gradient: "contrast_acc", the top-1 accuracy of the positive among
     the cross-view logits (z1 vs all z2 and z2 vs all z1, averaged), and
     "contrast_entropy", the mean entropy of softmax(z1 . z2_all / tau).
@@ -80,8 +93,9 @@ def nt_xent(z1, z2, temperature):
   logits = tf.tensor_scatter_nd_sub(
       logits, tf.stack([rows, self_idx], axis=1),
       tf.fill([2 * b], tf.constant(_MASK, tf.float32)))
-  loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-      labels=positive, logits=logits))
+  # Sum over the 2B anchors / B: each direction's batch mean, added.
+  loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
+      labels=positive, logits=logits)) / tf.cast(b, tf.float32)
 
   logits = tf.stop_gradient(logits)
   # Cross-view blocks: rows z1 against columns z2_all, rows z2 against z1_all.
@@ -106,7 +120,7 @@ def supcon(features, labels, temperature, base_temperature=0.07,
   Anchors are this replica's views; the contrast set is every view of every
   example on every replica (features and labels are gathered). For an anchor
   i, P(i) are the views with i's label other than i itself, A(i) all views
-  except i, and s_ia = z_i . z_a / temperature (RECIPES.md, "Supervised
+  except i, and s_ia = z_i . z_a / temperature (docs/recipes.md, "Supervised
   Contrastive loss").
 
   Per anchor, with log_prob(i, p) = s_ip - log(sum_{a in D(i, p)} exp(s_ia)):
@@ -123,8 +137,10 @@ def supcon(features, labels, temperature, base_temperature=0.07,
   and a label seen once) contributes 0. The loss is the mean over ALL local
   anchors (those with no positive included, as in the PyTorch reference),
   times temperature / base_temperature, and is not divided by the replica
-  count. With distinct labels, V=2, contrast_mode="all" and base_temperature
-  == temperature it equals `nt_xent(features[:, 0], features[:, 1], ...)`.
+  count (SupContrast's losses.py reduces the same way). With distinct labels,
+  V=2, contrast_mode="all" and base_temperature == temperature it equals
+  half of `nt_xent(features[:, 0], features[:, 1], ...)`, whose reference
+  scale sums the two directions.
 
   Args:
     features: [B, V, D] local projections, V views per example (any float

@@ -94,12 +94,16 @@ class ContrastiveModel(keras.Model):
       if num_views == 2:
         return losses.nt_xent(z[0], z[1], self.temperature)
       # More views: every other view of the same image is a positive, i.e.
-      # SupCon with one class per image (ids unique over replicas), which
-      # equals NT-Xent at two views.
+      # SupCon with one class per image (ids unique over replicas). SupCon
+      # averages over all V*B anchors; times V it is the sum over views of
+      # each view's batch mean, which at two views is NT-Xent's reference
+      # scale, loss_a + loss_b (docs/recipes.md, "NT-Xent").
       local = tf.shape(z)[1]
       ids = tf.range(local) + distribute.replica_id() * local
-      return losses.supcon(tf.transpose(z, [1, 0, 2]), ids, self.temperature,
-                           base_temperature=self.temperature)
+      loss, metrics = losses.supcon(tf.transpose(z, [1, 0, 2]), ids,
+                                    self.temperature,
+                                    base_temperature=self.temperature)
+      return float(num_views) * loss, metrics
     if labels is None:
       raise ValueError("method='supcon' needs a 'label' in every batch.")
     return losses.supcon(tf.transpose(z, [1, 0, 2]), labels, self.temperature,
