@@ -67,7 +67,7 @@ def build_model():
   what is compared here; at 0.02 it stays below 1e-6.
   """
   backbone = build_backbone("resnet18", small_image_stem=True, sync_bn=True)
-  head = ProjectionHead(hidden_dim=32, output_dim=16, num_layers=2, version=2,
+  head = ProjectionHead(hidden_dim=32, output_dim=16, num_layers=2,
                         sync_bn=True)
   model = ContrastiveModel(backbone, head, num_classes=NUM_CLASSES,
                            method="simclr", temperature=0.2)

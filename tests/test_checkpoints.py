@@ -18,7 +18,7 @@ IMAGE = 16
 def _model(backbone="resnet18", hidden=64, out=16, layers=3, num_classes=10):
   model = ContrastiveModel(
       build_backbone(backbone, small_image_stem=True),
-      ProjectionHead(hidden, out, layers, version=2), num_classes=num_classes)
+      ProjectionHead(hidden, out, layers), num_classes=num_classes)
   model(tf.zeros((2, IMAGE, IMAGE, 3)))
   return model
 

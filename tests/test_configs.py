@@ -6,7 +6,7 @@ the config function accepts it, and for pretraining configs the model is
 built at the real image size and the SimCLR views are made from the data
 spec (the dataset name must resolve; the data itself need not exist here).
 Recipe-invariant checks (stem and blur against image size, batch against the
-stated TPU cores) and the published numbers of RECIPES.md for the
+stated TPU cores) and the published numbers of docs/recipes.md for the
 pretraining recipes catch a config edited away from its paper.
 """
 
@@ -37,7 +37,7 @@ FLAGS = tf_ssl_flags.FLAGS
 NUM_CLASSES = {"tfds:imagenet2012": 1000, "tfds:cifar10": 10, "fashion_mnist": 10}
 FEATURE_WIDTH = {"resnet18": 512, "resnet18x0.25": 128, "resnet18x0.5": 256, "resnet50": 2048}
 
-# The published recipes (RECIPES.md and the papers each config cites).
+# The published recipes (docs/recipes.md and the papers each config cites).
 # peak_lr is the learning rate after batch scaling, the number the papers
 # state (SimCLR v1: 0.3 * 4096 / 256 = 4.8; v2: 0.1 * sqrt(4096) = 6.4).
 PUBLISHED = {
@@ -152,7 +152,7 @@ def test_pretrain_config_builds_its_model_and_views(path, parse, tmp_path):
   out = views.crop_batch(images, tf.constant([1, 2]))
   assert out.shape == (2, d.num_views, d.image_size, d.image_size, 3)
   assert 0.0 <= float(tf.reduce_min(out)) and float(tf.reduce_max(out)) <= 1.0
-  # RECIPES.md: blur at ImageNet resolution only, the small stem for <= 32 px.
+  # docs/recipes.md: blur at ImageNet resolution only, the small stem for <= 32 px.
   assert views.blur == (d.image_size >= 96)
   assert m.small_image_stem == (d.image_size <= 32)
 
@@ -228,28 +228,74 @@ def test_finetune_config_parses(path, parse, tmp_path):
 
 
 @pytest.mark.parametrize("extra, brightness, head", [
-    ([], 2, 2), (["--simclr_version=1"], 1, 1),
-    (["--simclr_version=1", "--head_version=2"], 1, 2),
-    (["--head_version=1"], 2, 1)])
-def test_head_version_follows_simclr_version_unless_given(extra, brightness, head,
-                                                          parse, tmp_path):
-  """--simclr_version picks the brightness jitter and, by default, the head;
-  --head_version picks the head alone (SupCon wants one without the other)."""
+    ([], 2, "simclr"), (["--simclr_version=1"], 1, "simclr"),
+    (["--simclr_version=1", "--proj_head=mlp"], 1, "mlp"),
+    (["--proj_head=mlp"], 2, "mlp")])
+def test_simclr_version_picks_brightness_and_proj_head_the_head(
+    extra, brightness, head, parse, tmp_path):
+  """--simclr_version picks only the brightness jitter; the head is the
+  SimCLR codebases' (every Dense without bias, then BN, the last BN without
+  centre) unless --proj_head=mlp asks for SupCon's Linear-ReLU-Linear."""
   path = tmp_path / "run.cfg"
   with open(os.path.join(REPO, "configs", "simclr_fashion_mnist.cfg")) as f:
     lines = [l for l in f.read().splitlines() if "simclr_version" not in l]
   path.write_text("\n".join(lines + extra) + "\n")
   parse(str(path))
   config = tf_ssl_flags.pretrain_config()
-  assert (config.data.simclr_version, config.model.head_version) == (brightness, head)
+  assert (config.data.simclr_version, config.model.proj_head) == (brightness, head)
   keras.backend.clear_session()
   projection = train.build_model(config, 10).projection_head
   last_bn, last_dense = projection.bn_layers[-1], projection.dense_layers[-1]
-  # RECIPES.md: the v1 head ends in Dense with a bias, the v2 head in Dense-BN.
-  assert (last_bn is not None) == (head == 2)
-  assert last_dense.use_bias == (head == 1)
+  assert (last_bn is not None) == (head == "simclr")
+  assert last_dense.use_bias == (head == "mlp")
+  if head == "simclr":
+    assert not last_bn.center and last_bn.scale
   keras.backend.clear_session()
   path.write_text("\n".join(["--mode=linear", "--train_steps=10"] + extra) + "\n")
   parse(str(path))
-  finetune = tf_ssl_flags.finetune_config()
-  assert (finetune.simclr_version, finetune.head_version) == (brightness, head)
+  assert tf_ssl_flags.finetune_config().proj_head == head
+
+
+def test_a_duration_on_the_command_line_replaces_the_flagfiles(tmp_path):
+  """A quick try of a config: the command line's --train_steps replaces the
+  file's --train_epochs (and the other way round); both on the command line
+  is still the error it was."""
+  demo = os.path.join(REPO, "configs", "simclr_fashion_mnist.cfg")
+  work = f"--workdir={tmp_path}"
+  try:
+    FLAGS.unparse_flags()
+    tf_ssl_flags.parse_command_line(["tf_ssl", f"--flagfile={demo}", "--train_steps=26", work])
+    config = tf_ssl_flags.pretrain_config()
+    assert (config.train_steps, config.train_epochs) == (26, None)
+    assert "--train_epochs" not in tf_ssl_flags.flags_as_text()
+    steps_file = tmp_path / "steps.cfg"
+    steps_file.write_text("--train_steps=52\n")
+    FLAGS.unparse_flags()
+    tf_ssl_flags.parse_command_line(["tf_ssl", f"--flagfile={steps_file}",
+                                     "--train_epochs=0.5", work])
+    config = tf_ssl_flags.pretrain_config()
+    assert (config.train_steps, config.train_epochs) == (None, 0.5)
+    FLAGS.unparse_flags()
+    tf_ssl_flags.parse_command_line(["tf_ssl", "--train_steps=4", "--train_epochs=1", work])
+    with pytest.raises(tf_ssl_flags.flags.ValidationError, match="exactly one"):
+      tf_ssl_flags.pretrain_config()
+  finally:
+    FLAGS.unparse_flags()
+
+
+def test_finetune_takes_its_own_optimisation_defaults(parse, tmp_path):
+  """The fine-tuning CLI shares --optimizer, --learning_rate, --warmup_epochs
+  ... with pretraining, whose defaults (LARS, 0.3, 10 warmup epochs) are not
+  fine-tuning's: flags not given take FinetuneConfig's."""
+  path = tmp_path / "linear.cfg"
+  path.write_text("--mode=linear\n--train_steps=10\n")
+  parse(str(path))
+  config = tf_ssl_flags.finetune_config()
+  defaults = tf_ssl_flags.FinetuneConfig
+  for name in ("optimizer", "learning_rate", "lr_scaling", "momentum",
+               "weight_decay", "warmup_epochs"):
+    assert getattr(config, name) == getattr(defaults, name), name
+  path.write_text("--mode=linear\n--train_steps=10\n--optimizer=lars\n--learning_rate=0.5\n")
+  parse(str(path))
+  config = tf_ssl_flags.finetune_config()
+  assert (config.optimizer, config.learning_rate) == ("lars", 0.5)

@@ -34,6 +34,25 @@ def test_knn_matches_numpy():
     np.testing.assert_array_equal(ours, _numpy_knn(train, labels, test, 5, k, t))
 
 
+def test_knn_on_its_own_bank_leaves_each_query_out():
+  """Data without a held-out split: bank = queries. Leave-one-out must equal a
+  NumPy k-NN over the bank without the query's row; without it, k=1 finds
+  each query itself (100%), the inflated figure results.json used to show."""
+  rng = np.random.default_rng(1)
+  bank = rng.normal(size=(120, 8))
+  labels = rng.integers(0, 4, 120)
+  for k in (1, 7):
+    ours = evaluate.knn_predict(bank, labels, bank, 4, k=k, temperature=0.1,
+                                chunk_size=50, exclude_self=True)
+    reference = [_numpy_knn(np.delete(bank, i, 0), np.delete(labels, i), bank[i:i + 1],
+                            4, k, 0.1)[0] for i in range(len(bank))]
+    np.testing.assert_array_equal(ours, reference)
+  assert evaluate.knn_accuracy(bank, labels, bank, labels, 4, k=1) == 1.0
+  assert evaluate.knn_accuracy(bank, labels, bank, labels, 4, k=1, exclude_self=True) < 0.5
+  with pytest.raises(ValueError, match="exclude_self"):
+    evaluate.knn_predict(bank, labels, bank[:5], 4, exclude_self=True)
+
+
 def test_linear_close_to_sklearn():
   from sklearn.linear_model import LogisticRegression
   from sklearn.preprocessing import StandardScaler

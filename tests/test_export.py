@@ -57,7 +57,7 @@ def exports(tmp_path_factory):
   backbone = build_backbone("resnet18", small_image_stem=True)
   contrastive = ContrastiveModel(
       build_backbone("bit_r18x0.5", small_image_stem=True),
-      ProjectionHead(32, 8, 3, version=2), num_classes=5)
+      ProjectionHead(32, 8, 3), num_classes=5)
   contrastive(tf.zeros((2, 16, 16, 3)))
   result = {}
   for i, (kind, model, trainable_backbone) in enumerate([

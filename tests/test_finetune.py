@@ -81,7 +81,7 @@ def pretrained_model(tmp_path_factory):
   a make_checkpoint checkpoint and as an exported SavedModel."""
   root = tmp_path_factory.mktemp("pretrained")
   model = ContrastiveModel(build_backbone("resnet18", small_image_stem=True),
-                           ProjectionHead(32, 8, 3, version=2), num_classes=CLASSES)
+                           ProjectionHead(32, 8, 3), num_classes=CLASSES)
   model(tf.zeros((2, SIZE, SIZE, 3)))
   _randomise(model, 0)
   prefix = checkpoints.make_checkpoint(model).write(str(root / "ckpt" / "ckpt-7"))
@@ -94,7 +94,7 @@ def _fresh(backbone="resnet18", small_image_stem=True, proj=True):
   b = build_backbone(backbone, small_image_stem=small_image_stem)
   head = None
   if proj:
-    head = ProjectionHead(32, 8, 3, version=2)
+    head = ProjectionHead(32, 8, 3)
     head.build((None, b.feature_dim))
   return b, head
 
@@ -242,7 +242,7 @@ def _fit(model, steps=3, mixup=False):
 def test_linear_mode_leaves_the_encoder_bit_identical():
   backbone = build_backbone("resnet18", small_image_stem=True)
   _randomise(backbone, 6)
-  head = ProjectionHead(32, 8, 3, version=2)
+  head = ProjectionHead(32, 8, 3)
   head.build((None, backbone.feature_dim))
   model = build_classifier(backbone, CLASSES, projection_head=head, proj_layers=1,
                            freeze_encoder=True)
@@ -435,11 +435,15 @@ def _steps(workdir):
           for p in glob.glob(str(workdir / "checkpoints" / "ckpt-*.index"))]
 
 
-def test_command_line_rejects_flags_hyperrule_fixes(tmp_path, image_folder):
-  result = _run(_command(tmp_path / "w", image_folder, "--mode=hyperrule",
-                         "--learning_rate=0.1"))
+@pytest.mark.parametrize("extra, message", [
+    (["--mode=hyperrule", "--learning_rate=0.1"], "--learning_rate=0.1: --mode=hyperrule fixes"),
+    (["--mode=linear", "--train_steps=2", "--init=/no/such/checkpoint"], "/no/such/checkpoint"),
+])
+def test_command_line_errors_are_one_line(tmp_path, image_folder, extra, message):
+  result = _run(_command(tmp_path / "w", image_folder, *extra))
   assert result.returncode != 0
-  assert "--learning_rate=0.1: --mode=hyperrule fixes" in result.stderr
+  assert message in result.stderr
+  assert "Traceback" not in result.stderr, result.stderr[-2000:]
   assert not (tmp_path / "w" / "checkpoints").exists()
 
 

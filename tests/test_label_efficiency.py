@@ -48,7 +48,7 @@ def workdir(tmp_path_factory):
   the flags.txt the trainer writes (a subset of its lines)."""
   root = tmp_path_factory.mktemp("pretrain")
   model = ContrastiveModel(build_backbone("resnet18x0.25", small_image_stem=True),
-                           ProjectionHead(16, 8, 2, version=2), num_classes=CLASSES)
+                           ProjectionHead(16, 8, 2), num_classes=CLASSES)
   model(tf.zeros((2, SIZE, SIZE, 3)))
   checkpoints.make_checkpoint(model).write(str(root / "checkpoints" / "ckpt-3"))
   (root / "flags.txt").write_text(

@@ -199,11 +199,14 @@ def _trainer_flags():
           if not f.startswith(("--strategy=", "--export="))]
 
 
-def _train_on_two_workers(workdir, folder, logs, *extra, while_running=None):
-  """Runs `python -m tf_ssl.train` as workers 0 and 1 of one TF_CONFIG
-  cluster until both exit; fails, after killing both, if either fails or the
-  pair outlives TRAIN_TIMEOUT. `while_running(procs, log_paths)`, if given,
-  is called once both have started. Returns ([pid], [merged stdout+stderr])."""
+def _train_on_two_workers(workdir, folder, logs, *extra, while_running=None,
+                          command=None):
+  """Runs `python -m tf_ssl.train` (or `command`, a list of arguments before
+  --workdir) as workers 0 and 1 of one TF_CONFIG cluster until both exit;
+  fails, after killing both, if either fails or the pair outlives
+  TRAIN_TIMEOUT. `while_running(procs, log_paths)`, if given, is called once
+  both have started. Returns ([pid], [merged stdout+stderr])."""
+  command = command or ["-m", "tf_ssl.train", *_trainer_flags()]
   ports = _free_ports(2)
   procs, paths = [], []
   try:
@@ -215,9 +218,8 @@ def _train_on_two_workers(workdir, folder, logs, *extra, while_running=None):
       paths.append(logs / f"worker{i}.log")
       with open(paths[-1], "w") as log:  # The child keeps its own descriptor.
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "tf_ssl.train", f"--workdir={workdir}",
-             f"--dataset=folder:{folder}", *_trainer_flags(),
-             "--strategy=multi_worker", *extra],
+            [sys.executable, *command, f"--workdir={workdir}",
+             f"--dataset=folder:{folder}", "--strategy=multi_worker", *extra],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
     if while_running is not None:
       while_running(procs, paths)
@@ -335,3 +337,26 @@ def test_sigterm_to_one_worker_checkpoints_both_at_one_step(tmp_path, image_fold
   for output in outputs:
     assert f"Preempted at step {step}" in output, output[-3000:]
   assert "Another worker got SIGTERM" in outputs[0]
+
+
+def test_finetune_on_two_workers_writes_once(tmp_path, image_folder):
+  """Fine-tuning shares the trainer's run scaffold (tf_ssl/runner.py): only
+  the chief writes checkpoints, results, flags and the export to --workdir;
+  worker 1 writes into a scratch directory it removes."""
+  workdir = tmp_path / "ft"
+  command = ["-m", "tf_ssl.finetune", "--backbone=resnet18", "--small_image_stem",
+             "--mode=finetune", "--image_size=16", "--global_batch_size=8",
+             "--learning_rate=0.05"]
+  pids, outputs = _train_on_two_workers(
+      workdir, image_folder, tmp_path, "--train_steps=4", "--checkpoint_every_steps=2",
+      "--export=true", command=command)
+  assert _checkpoint_steps(workdir / "checkpoints") == [2, 4]
+  results = json.loads((workdir / "results.json").read_text())
+  assert results["train_steps"] == 4 and results["eval_examples"] == 32
+  assert "--strategy=multi_worker" in (workdir / "flags.txt").read_text()
+  assert (workdir / "saved_model" / "saved_model.pb").exists()
+  [events] = glob.glob(str(workdir / "summaries" / "events.*"))
+  assert f".{pids[0]}." in os.path.basename(events), events
+  scratch = workdir / "tmp" / "worker1"
+  assert f"{scratch}/checkpoints/ckpt-4" in outputs[1], outputs[1][-3000:]
+  assert not scratch.parent.exists(), "the last worker out removes <workdir>/tmp"

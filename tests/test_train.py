@@ -42,12 +42,28 @@ def _run(args, timeout=600):
     (["--train_steps=4", "--backbone=vgg16"], "vgg16"),
     (["--train_steps=4", "--final_eval_examples=-1"], "--final_eval_examples=-1"),
     (["--train_steps=5", "--steps_per_execution=2"], "--steps_per_execution=2"),
+    (["--train_steps=4", "--dataset=tfds:cifar10", "--data_dir=/no/tfds"], "not prepared"),
+    (["--train_steps=4", "--global_batch_size=64"], "--global_batch_size=64"),
 ])
 def test_bad_flags_stop_with_a_message_naming_them(tmp_path, image_folder, extra, message):
+  """A user's mistake is one line on stderr and a non-zero exit, no traceback."""
   result = _run(_command(tmp_path / "w", image_folder, *extra))
   assert result.returncode != 0
   assert message in result.stderr + result.stdout
+  assert "Traceback" not in result.stderr, result.stderr[-2000:]
   assert not glob.glob(str(tmp_path / "w" / "checkpoints" / "ckpt-*")), "no work before the error"
+
+
+def test_supcon_on_unlabelled_images_is_refused_before_any_work(tmp_path, image_folder):
+  flat = tmp_path / "flat"
+  flat.mkdir()
+  for i, path in enumerate(sorted(glob.glob(os.path.join(image_folder, "*", "*.png")))[:12]):
+    (flat / f"{i}.png").write_bytes(open(path, "rb").read())
+  result = _run(_command(tmp_path / "w", flat, "--train_steps=4", "--method=supcon"))
+  assert result.returncode != 0
+  assert "--method=supcon needs labels" in result.stderr, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+  assert not (tmp_path / "w" / "checkpoints").exists()
 
 
 @pytest.mark.slow
@@ -80,6 +96,10 @@ def test_tiny_run_writes_results_and_resumes_after_sigterm_and_sigkill(tmp_path,
   assert results["train_steps"] == 12
   for key in ("knn_top1", "linear_top1", "wall_seconds"):
     assert key in results
+  # The folder has no train/test sub-folders: the evaluation is on the
+  # training images, and the run says so.
+  assert results["eval_on_train"] is True
+  assert "evaluation is on the training images" in result.stderr
   assert (workdir / "training_curves.png").exists()
   assert "--train_steps=12" in (workdir / "flags.txt").read_text()
 

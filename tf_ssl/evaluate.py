@@ -1,7 +1,7 @@
 """Evaluation of frozen features: weighted k-NN and a linear classifier.
 
 Both follow the protocol under which the Fashion-MNIST baselines of
-RECIPES.md were measured, so the numbers are comparable:
+docs/recipes.md were measured, so the numbers are comparable:
 - k-NN (Wu et al. 2018, as used by SimCLR re-implementations): cosine
   similarity to every training feature, the k most similar vote for their
   class with weight exp(similarity / T); k=200, T=0.1.
@@ -79,18 +79,32 @@ def extract_features_distributed(strategy, embed_fn, batches, endpoint="features
 
 
 def knn_predict(train_features, train_labels, test_features, num_classes, k=200,
-                temperature=0.1, chunk_size=1024):
-  """Weighted k-NN class predictions for each test feature (cosine similarity)."""
+                temperature=0.1, chunk_size=1024, exclude_self=False):
+  """Weighted k-NN class predictions for each test feature (cosine similarity).
+
+  exclude_self: the test features are the training features, row for row
+  (data without a held-out split); query i then never votes for itself, as
+  bank row i is left out of its neighbours (leave-one-out).
+  """
   if k < 1:
     raise ValueError(f"k={k} must be >= 1.")
-  k = min(k, len(train_features))
+  if exclude_self and len(test_features) != len(train_features):
+    raise ValueError(f"exclude_self needs the bank as queries: {len(train_features)} "
+                     f"bank rows but {len(test_features)} queries.")
+  k = min(k, len(train_features) - int(exclude_self))
   train = tf.math.l2_normalize(tf.constant(train_features, tf.float32), axis=1)
   labels = tf.one_hot(tf.constant(train_labels, tf.int64), num_classes)
   predictions = []
   for start in range(0, len(test_features), chunk_size):
     test = tf.math.l2_normalize(
         tf.constant(test_features[start:start + chunk_size], tf.float32), axis=1)
-    similarity, index = tf.math.top_k(tf.matmul(test, train, transpose_b=True), k=k)
+    similarity = tf.matmul(test, train, transpose_b=True)
+    if exclude_self:
+      rows = tf.range(tf.shape(test)[0])
+      similarity = tf.tensor_scatter_nd_update(
+          similarity, tf.stack([rows, rows + start], axis=1),
+          tf.fill(tf.shape(rows), -float("inf")))
+    similarity, index = tf.math.top_k(similarity, k=k)
     weights = tf.exp(similarity / temperature)
     votes = tf.einsum("nk,nkc->nc", weights, tf.gather(labels, index))
     predictions.append(tf.argmax(votes, axis=1).numpy())
@@ -98,10 +112,10 @@ def knn_predict(train_features, train_labels, test_features, num_classes, k=200,
 
 
 def knn_accuracy(train_features, train_labels, test_features, test_labels,
-                 num_classes, k=200, temperature=0.1):
+                 num_classes, k=200, temperature=0.1, exclude_self=False):
   """Top-1 accuracy of `knn_predict` on the test set."""
   predicted = knn_predict(train_features, train_labels, test_features, num_classes,
-                          k=k, temperature=temperature)
+                          k=k, temperature=temperature, exclude_self=exclude_self)
   return float(np.mean(predicted == np.asarray(test_labels)))
 
 

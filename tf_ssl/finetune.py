@@ -8,7 +8,7 @@ checkpoint, a BiT .npz or an exported SavedModel, see tf_ssl.pretrained),
 else a random initialisation. Rerunning the same command after an
 interruption continues from that checkpoint.
 
-Modes (RECIPES.md):
+Modes (docs/recipes.md):
   linear     frozen encoder, random-resized crop + flip only, SGD (Nesterov)
              or LARS, warmup-cosine; the head has no weight decay.
   finetune   the whole network from --finetune_after_block on, same views
@@ -18,7 +18,9 @@ Modes (RECIPES.md):
              batch 512 scaled linearly, no weight decay, zero-init head.
 
 For a folder dataset, <path>/<split> is used when that sub-folder exists
-(e.g. folder:data with data/train and data/test), else <path> for both.
+(e.g. folder:data with data/train and data/test), else <path> for both; a
+tfrecord glob takes {split}. Without a held-out split the evaluation is on
+the training images: the log says so and results.json has eval_on_train.
 
 Library use (no flags), e.g. from a tool running many label counts:
 
@@ -43,16 +45,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_ssl import callbacks
 from tf_ssl import checkpoints
-from tf_ssl import distribute
 from tf_ssl import export
 from tf_ssl import flags as tf_ssl_flags
 from tf_ssl import hyperrule
 from tf_ssl import optim
-from tf_ssl import outputs
-from tf_ssl import plots
 from tf_ssl import pretrained
+from tf_ssl import runner
 from tf_ssl.data import augment
 from tf_ssl.data import pipeline
 from tf_ssl.data import sources
@@ -85,17 +84,10 @@ class CropFlip:
 
 
 # --------------------------------------------------------------------- data
-def _make_source(config, split):
-  name = config.dataset
-  kind, _, path = name.partition(":")
-  if kind == "folder" and tf.io.gfile.isdir(os.path.join(path, split)):
-    name = f"folder:{os.path.join(path, split)}"
-  return sources.make_source(name, split, config.data_dir)
-
-
 def load_sources(config):
   """(train source, eval source) of the config's dataset, without subsetting."""
-  return _make_source(config, config.train_split), _make_source(config, config.eval_split)
+  return tuple(sources.make_source(config.dataset, split, config.data_dir)
+               for split in (config.train_split, config.eval_split))
 
 
 def select_labels(source, config):
@@ -160,7 +152,7 @@ def make_plan(config, train_source, num_classes):
                   for s in schedule[:-1]] + [config.train_steps]
     # model.fit runs whole executions: the last phase (lr / 1000) absorbs
     # the steps that round the run up to a multiple of them.
-    schedule[-1] = _whole_executions(schedule[-1], config.steps_per_execution)
+    schedule[-1] = runner.whole_executions(schedule[-1], config.steps_per_execution)
     resize, crop = config.resize_size, config.crop_size
     if not crop:
       resize, crop = hyperrule.get_resolution(_image_hw(train_source))
@@ -171,22 +163,17 @@ def make_plan(config, train_source, num_classes):
                 peak_lr=hyperrule.scale_lr(gbs, config.hyperrule_base_lr),
                 resize_size=resize, crop_size=crop, mixup_alpha=mixup)
     return plan
-  total = _whole_executions(
+  total = runner.whole_executions(
       config.train_steps or max(1, int(math.ceil(config.train_epochs * n / gbs))),
       config.steps_per_execution)
   peak = config.learning_rate
   if config.lr_scaling != "none":
     peak = optim.scale_learning_rate(peak, gbs, config.lr_scaling)
   plan.update(total_steps=total, peak_lr=peak,
-              warmup_steps=min(total, int(round(config.warmup_epochs * n / gbs))),
+              warmup_steps=runner.warmup_steps(config.warmup_epochs, n / gbs, total),
               resize_size=config.image_size, crop_size=config.image_size,
               mixup_alpha=config.mixup_alpha or 0.0)
   return plan
-
-
-def _whole_executions(steps, steps_per_execution):
-  """`steps` rounded up to a multiple of `steps_per_execution`."""
-  return steps_per_execution * int(math.ceil(steps / steps_per_execution))
 
 
 def views_for(plan):
@@ -205,8 +192,7 @@ def build_model(config, num_classes):
   head = None
   if config.finetune_proj_layers:
     head = ProjectionHead(hidden_dim=config.proj_hidden_dim, output_dim=config.proj_dim,
-                          num_layers=config.proj_layers,
-                          version=config.head_version or config.simclr_version,
+                          num_layers=config.proj_layers, kind=config.proj_head,
                           sync_bn=config.sync_bn)
     head.build((None, backbone.feature_dim))
   decay = config.weight_decay if (config.mode == "finetune" and
@@ -295,20 +281,8 @@ def export_classifier(model, path):
 
 
 # ----------------------------------------------------------------------- run
-def _resume_or_init(config, model, checkpoint, manager):
-  """Resume order: workdir checkpoint, then --init, then random."""
-  if manager is not None and manager.latest_checkpoint:
-    latest = manager.latest_checkpoint
-    try:
-      checkpoint.read(latest).assert_existing_objects_matched()
-    except (ValueError, AssertionError, tf.errors.OpError) as e:
-      raise ValueError(
-          f"--workdir={config.workdir} holds {latest}, which does not fit this "
-          f"model (--backbone={config.backbone}, the head's class count, "
-          "--finetune_proj_layers, --mode); use a fresh --workdir. "
-          f"TensorFlow said: {e}") from e
-    logging.info("Resumed from %s", latest)
-    return {"kind": "resumed", "path": latest}
+def _init(config, model):
+  """--init into the model (the runner calls this when there is nothing to resume)."""
   info = pretrained.load_init(model.backbone, config.init, model.projection_head,
                               config.finetune_proj_layers, config.backbone)
   if info["kind"] == "none":
@@ -317,7 +291,7 @@ def _resume_or_init(config, model, checkpoint, manager):
 
 
 def run_finetune(config, strategy=None, train_source=None, eval_source=None,
-                 verbose=None, return_model=False):
+                 verbose=None, return_model=False, flags_text=None):
   """One fine-tuning run: train, evaluate, and (with a workdir) save.
 
   Args:
@@ -330,6 +304,7 @@ def run_finetune(config, strategy=None, train_source=None, eval_source=None,
     verbose: Keras progress (0, 1, 2); None: a bar on a terminal, else lines.
     return_model: also return the trained Classifier (e.g. to embed images
       with its "features" / "pre_logits" endpoints).
+    flags_text: written to <workdir>/flags.txt by the chief (the CLI's flags).
 
   Returns:
     The results dict ("top1", "top5", "eval_examples", "train_steps",
@@ -345,96 +320,67 @@ def run_finetune(config, strategy=None, train_source=None, eval_source=None,
       "mixed_bfloat16" if config.mixed_precision else "float32")
   try:
     results, model = _run(config, strategy, train_source, eval_source, verbose,
-                          t_start)
+                          t_start, flags_text)
     return (results, model) if return_model else results
   finally:
     keras.mixed_precision.set_global_policy(previous_policy)
 
 
-def _run(config, strategy, train_source, eval_source, verbose, t_start):
-  keras.utils.set_random_seed(config.seed)
-  workdir = config.workdir
-  if strategy is None:
-    strategy = distribute.get_strategy(config.strategy, config.tpu)
-  replicas = strategy.num_replicas_in_sync
-  pipeline.per_replica_batch_size(config.global_batch_size, replicas)
+def _run(config, strategy, train_source, eval_source, verbose, t_start,
+         flags_text=None):
+  with runner.preparing():
+    r = runner.start(config.workdir, config.strategy, config.tpu, config.seed,
+                     config.mixed_precision, strategy=strategy, flags_text=flags_text)
+    strategy, replicas = r.strategy, r.replicas
+    pipeline.per_replica_batch_size(config.global_batch_size, replicas)
 
-  # -------------------------------------------------------------------- input
-  if train_source is None or eval_source is None:
-    read_train, read_eval = load_sources(config)
-    train_source, eval_source = train_source or read_train, eval_source or read_eval
-  num_classes = num_classes_of(config, train_source, eval_source)
-  train_source = select_labels(train_source, config)
-  plan = make_plan(config, train_source, num_classes)
-  views = views_for(plan)
-  train_data = pipeline.finetune_dataset(
-      strategy, train_source, config.global_batch_size, views,
-      seed=config.seed if config.deterministic else None,
-      mixup_alpha=plan["mixup_alpha"], cache=config.cache,
-      shuffle_buffer=min(10_000, train_source.num_examples))
-  total_steps = plan["total_steps"]
+    # -------------------------------------------------------------------- input
+    if train_source is None or eval_source is None:
+      read_train, read_eval = load_sources(config)
+      train_source, eval_source = train_source or read_train, eval_source or read_eval
+    eval_on_train = sources.same_data(train_source, eval_source)
+    if eval_on_train:
+      logging.warning("--eval_split=%s reads the training data (%s): top-1 is measured "
+                      "on training images; give the data a held-out split.",
+                      config.eval_split, eval_source.name)
+    num_classes = num_classes_of(config, train_source, eval_source)
+    train_source = select_labels(train_source, config)
+    plan = make_plan(config, train_source, num_classes)
+    views = views_for(plan)
+    total_steps = plan["total_steps"]
 
-  # ------------------------------------------------------- model + optimizer
-  with strategy.scope():
-    model = build_model(config, num_classes)
-    optimizer, schedule = build_optimizer(config, plan)
-    model.compile(optimizer=optimizer, steps_per_execution=config.steps_per_execution,
-                  jit_compile=config.jit_compile)
-    optimizer.build(model.trainable_variables)
-  logging.info("%s %s: %s parameters (%s trainable), %d replicas, %d steps, %s",
-               config.mode, config.backbone, f"{model.count_params():,}",
-               f"{sum(int(np.prod(v.shape)) for v in model.trainable_variables):,}",
-               replicas, total_steps, plan)
+    # ------------------------------------------------------- model + optimizer
+    with strategy.scope():
+      model = build_model(config, num_classes)
+      optimizer, schedule = build_optimizer(config, plan)
+      model.compile(optimizer=optimizer, steps_per_execution=config.steps_per_execution,
+                    jit_compile=config.jit_compile)
+      optimizer.build(model.trainable_variables)
+    logging.info("%s %s: %s parameters (%s trainable), %d replicas, %d steps, %s",
+                 config.mode, config.backbone, f"{model.count_params():,}",
+                 f"{sum(int(np.prod(v.shape)) for v in model.trainable_variables):,}",
+                 replicas, total_steps, plan)
 
-  # ---------------------------------------------------- checkpoint and resume
-  checkpoint = checkpoints.make_checkpoint(model, optimizer)
-  manager = None
-  if workdir:
-    manager = tf.train.CheckpointManager(
-        checkpoint, os.path.join(workdir, "checkpoints"),
-        max_to_keep=config.keep_checkpoints)
-  init_info = _resume_or_init(config, model, checkpoint, manager)
-  start_step = int(optimizer.iterations.numpy())
+    # ---------------------------------------------------- checkpoint and resume
+    checkpoint = checkpoints.make_checkpoint(model, optimizer)
+    manager, init_info = runner.restore_or_init(
+        r, checkpoint, lambda: _init(config, model), keep=config.keep_checkpoints)
+    start_step = int(optimizer.iterations.numpy())
+    train_data = pipeline.finetune_dataset(
+        strategy, train_source, config.global_batch_size, views, seed=config.seed,
+        start_step=start_step, deterministic=config.deterministic,
+        mixup_alpha=plan["mixup_alpha"], cache=config.cache,
+        shuffle_buffer=min(10_000, train_source.num_examples))
 
   # -------------------------------------------------------------------- train
-  writer = history_path = None
-  if workdir:
-    writer = tf.summary.create_file_writer(os.path.join(workdir, "summaries"))
-    history_path = os.path.join(workdir, "history.jsonl")
-  verbose = callbacks.keras_verbosity(verbose)
-  fit_callbacks = [
-      callbacks.NonFiniteGuard(optimizer.iterations),
-      callbacks.StopAtStep(optimizer.iterations, total_steps),
-      callbacks.Throughput(config.global_batch_size, optimizer.iterations, schedule,
-                           writer=writer, every_steps=max(1, min(50, total_steps // 20)),
-                           history_path=history_path, total_steps=total_steps,
-                           log_every_steps=callbacks.progress_log_every(total_steps, verbose)),
-  ]
-  saver = None
-  if manager is not None:
-    saver = callbacks.CheckpointAndPreemption(manager, optimizer.iterations,
-                                              config.checkpoint_every_steps,
-                                              distribute.any_worker(strategy))
-    fit_callbacks.insert(2, saver)
-  remaining = total_steps - start_step
-  last_logs = {}
-  if remaining > 0:
-    # Keras epochs only pace the logs: about one pass over the (subset)
-    # data, in whole executions (total_steps is a multiple of them).
-    spe = config.steps_per_execution
-    chunk = min(total_steps, max(50, -(-train_source.num_examples //
-                                       config.global_batch_size)))
-    chunk = max(spe, chunk // spe * spe)
-    history = model.fit(
-        train_data, steps_per_epoch=chunk, shuffle=False,  # tf.data shuffles
-        initial_epoch=start_step // chunk,
-        epochs=start_step // chunk + int(math.ceil(remaining / chunk)),
-        callbacks=fit_callbacks,
-        verbose=verbose)
-    last_logs = {k: float(v[-1]) for k, v in history.history.items() if v}
+  preempted, last_logs = runner.fit(
+      r, model, train_data, total_steps=total_steps,
+      steps_per_pass=-(-train_source.num_examples // config.global_batch_size),
+      global_batch_size=config.global_batch_size, schedule=schedule,
+      manager=manager, checkpoint_every_steps=config.checkpoint_every_steps,
+      verbose=verbose)
   step = int(optimizer.iterations.numpy())
-  if saver is not None and saver.preempted:
-    logging.warning("Preempted at step %d; rerun the same command to resume.", step)
+  if preempted:
     return {"preempted": True, "train_steps": step}, model
   train_seconds = time.time() - t_start
 
@@ -444,41 +390,32 @@ def _run(config, strategy, train_source, eval_source, verbose, t_start):
   results = evaluate(model, strategy, eval_source, eval_batch, views.eval,
                      plan["crop_size"])
   results.update(
-      train_steps=step, init=init_info, plan=plan,
+      train_steps=step, init=init_info, plan=plan, eval_on_train=eval_on_train,
       labels_per_class=config.labels_per_class, label_fraction=config.label_fraction,
       subset_seed=config.subset_seed,
       final_train_loss=last_logs.get("loss"),
       final_train_accuracy=last_logs.get("accuracy"),
       train_seconds=round(train_seconds, 1),
       wall_seconds=round(time.time() - t_start, 1))
-  if workdir and config.export:
-    results["saved_model"] = os.path.join(workdir, "saved_model")
-  if workdir:
-    with writer.as_default(step=step):
-      tf.summary.scalar("eval/top1", results["top1"])
-      tf.summary.scalar("eval/top5", results["top5"])
-    writer.flush()
-    outputs.write_text(os.path.join(workdir, "results.json"),
-                       json.dumps(results, indent=2))
-    plots.training_curves(history_path, os.path.join(workdir, "training_curves.png"),
-                          curves=CURVES)
-    if config.export:
-      export_classifier(model, results["saved_model"])
+  if config.workdir and config.export:
+    results["saved_model"] = os.path.join(config.workdir, "saved_model")
+  runner.write_results(r, results, step, curves=CURVES)
+  if r.own_dir and config.export:
+    # Every worker exports (a save reads variables collectively); the
+    # chief's own_dir is --workdir.
+    export_classifier(model, r.path("saved_model"))
+  runner.finish(r)
   return results, model
 
 
 def main(argv):
   del argv
-  try:
-    config = tf_ssl_flags.finetune_config()
-  except tf_ssl_flags.flags.ValidationError as e:
-    raise app.UsageError(str(e)) from None
-  tf.io.gfile.makedirs(config.workdir)
-  outputs.write_text(os.path.join(config.workdir, "flags.txt"),
-                     tf_ssl_flags.flags_as_text())
-  results = run_finetune(config)
+  with runner.user_errors("tf_ssl.finetune"):
+    with runner.preparing():
+      config = tf_ssl_flags.finetune_config()
+    results = run_finetune(config, flags_text=tf_ssl_flags.flags_as_text())
   print(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=tf_ssl_flags.parse_command_line)

@@ -45,8 +45,8 @@ flags.DEFINE_integer("proj_dim", 128, "Output width of the projection head.")
 
 # Method and optimisation.
 flags.DEFINE_enum("method", "simclr", ["simclr", "supcon"], "Pretraining objective.")
-flags.DEFINE_enum("simclr_version", "2", ["1", "2"], "Brightness jitter, 1: additive, 2: multiplicative (RECIPES.md); also the default --head_version.")
-flags.DEFINE_enum("head_version", None, ["1", "2"], "Projection head, 1: last Dense with bias, no BN; 2: last Dense-BN (RECIPES.md). Default: --simclr_version.")
+flags.DEFINE_enum("simclr_version", "2", ["1", "2"], "Brightness jitter, 1: additive, 2: multiplicative (docs/recipes.md).")
+flags.DEFINE_enum("proj_head", "simclr", ["simclr", "mlp"], "Projection head: simclr = both SimCLR codebases' (Dense without bias + BN per layer, ReLU between, last BN without centre; --proj_layers 2 for v1, 3 for v2); mlp = SupCon's PyTorch reference (Linear-ReLU-Linear with biases, no BN).")
 flags.DEFINE_float("temperature", 0.1, "Contrastive softmax temperature.")
 flags.DEFINE_float("supcon_base_temperature", 0.07, "SupCon loss scale is temperature / base temperature.")
 flags.DEFINE_enum("supcon_contrast_mode", "all", ["all", "one"], "SupCon anchors: every view, or the first.")
@@ -111,7 +111,7 @@ class ModelConfig:
   proj_layers: int
   proj_hidden_dim: int
   proj_dim: int
-  head_version: int
+  proj_head: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,11 +177,6 @@ def _run_config():
       keep_checkpoints=FLAGS.keep_checkpoints)
 
 
-def _head_version():
-  """--head_version, or --simclr_version when it is not given."""
-  return int(FLAGS.head_version or FLAGS.simclr_version)
-
-
 def pretrain_config():
   """Validates the pretraining flags and returns a PretrainConfig."""
   _validate_common()
@@ -215,7 +210,7 @@ def pretrain_config():
       model=ModelConfig(
           backbone=FLAGS.backbone, small_image_stem=small_stem, sync_bn=FLAGS.sync_bn,
           proj_layers=FLAGS.proj_layers, proj_hidden_dim=FLAGS.proj_hidden_dim,
-          proj_dim=FLAGS.proj_dim, head_version=_head_version()),
+          proj_dim=FLAGS.proj_dim, proj_head=FLAGS.proj_head),
       method=FLAGS.method, temperature=FLAGS.temperature,
       supcon_options=supcon_options, global_batch_size=FLAGS.global_batch_size,
       train_steps=FLAGS.train_steps, train_epochs=FLAGS.train_epochs,
@@ -228,6 +223,29 @@ def pretrain_config():
       final_eval_examples=FLAGS.final_eval_examples,
       baselines=FLAGS.baselines,
       export=FLAGS.export)
+
+
+_DURATIONS = ("train_steps", "train_epochs")
+
+
+def parse_command_line(argv):
+  """absl's parser (app.run's flags_parser), where a duration given on the
+  command line replaces a flagfile's.
+
+  `--flagfile=configs/x.cfg --train_steps=20` is a quick try of a config
+  whose file says --train_epochs: the command line's --train_steps wins and
+  the file's --train_epochs is dropped (both on the command line itself is
+  still an error).
+  """
+  from absl import app  # pylint: disable=g-import-not-at-top
+  rest = app.parse_flags_with_usage(argv)
+  direct = {a.lstrip("-").split("=", 1)[0] for a in argv[1:] if a.startswith("-")}
+  given = [name for name in _DURATIONS if name in direct]
+  if len(given) == 1:
+    for name in _DURATIONS:
+      if name != given[0] and FLAGS[name].present:
+        FLAGS[name].unparse()
+  return rest
 
 
 def flags_as_text():
@@ -248,7 +266,7 @@ flags.DEFINE_string("init", None, "Start from: a tf_ssl checkpoint (prefix, chec
                     "(random init).")
 flags.DEFINE_integer("finetune_proj_layers", 0, "Keep this many leading projection-head layers "
                      "from the init (SimCLRv2 fine-tunes from the first); needs --proj_layers, "
-                     "--proj_hidden_dim, --proj_dim, --head_version of the pretraining run.")
+                     "--proj_hidden_dim, --proj_dim, --proj_head of the pretraining run.")
 flags.DEFINE_integer("finetune_after_block", -1, "finetune mode: -1 trains everything; k in 0..4 "
                      "freezes the stem and blocks 1..k (SimCLR's fine_tune_after_block).")
 flags.DEFINE_float("label_fraction", None, "Train on this class-balanced fraction of the labels (0.01, 0.1).")
@@ -298,8 +316,7 @@ class FinetuneConfig:
   proj_layers: int = 3                 # The pretrained projection head's shape.
   proj_hidden_dim: int = 2048
   proj_dim: int = 128
-  simclr_version: int = 2
-  head_version: Optional[int] = None   # None: simclr_version.
+  proj_head: str = "simclr"            # simclr | mlp, as pretraining's --proj_head.
   finetune_after_block: int = -1
   zero_init_head: bool = True
   # Optimisation (linear / finetune; hyperrule fixes its own).
@@ -355,7 +372,7 @@ class FinetuneConfig:
     check(self.crop_size <= self.resize_size, "crop_size",
           f"must not exceed --resize_size={self.resize_size}.")
     check(self.mixup_alpha is None or self.mixup_alpha >= 0, "mixup_alpha", "must be >= 0.")
-    check(self.head_version in (None, 1, 2), "head_version", "pick 1 or 2 (None: --simclr_version).")
+    check(self.proj_head in ("simclr", "mlp"), "proj_head", "pick simclr or mlp.")
     check(self.finetune_proj_layers >= 0, "finetune_proj_layers", "must be >= 0.")
     check(self.finetune_proj_layers <= self.proj_layers, "finetune_proj_layers",
           f"the pretrained head has --proj_layers={self.proj_layers} layers.")
@@ -409,11 +426,11 @@ def finetune_config():
   fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
   values = {name: getattr(FLAGS, name) for name in fields}
   values.update(small_image_stem=bool(small_stem),
-                simclr_version=int(FLAGS.simclr_version),
-                head_version=_head_version(),
                 cache={"auto": "auto", "on": True, "off": False}[FLAGS.cache])
-  if FLAGS.mode == "hyperrule":  # The shared defaults are pretraining's.
-    for name in _HYPERRULE_FIXED:
+  # The shared flags' defaults are pretraining's (LARS, lr 0.3, 10 warmup
+  # epochs); fine-tuning's own defaults apply unless a flag was given.
+  for name in _HYPERRULE_FIXED:
+    if not FLAGS[name].present:
       values[name] = getattr(FinetuneConfig, name)
   try:
     return FinetuneConfig(**values)

@@ -9,8 +9,6 @@ the same step, optimizer state and learning rate.
 """
 
 import json
-import math
-import os
 import time
 
 from absl import app
@@ -21,12 +19,11 @@ import tensorflow as tf
 
 from tf_ssl import callbacks
 from tf_ssl import checkpoints
-from tf_ssl import distribute
 from tf_ssl import evaluate
 from tf_ssl import flags as tf_ssl_flags
 from tf_ssl import optim
-from tf_ssl import outputs
 from tf_ssl import plots
+from tf_ssl import runner
 from tf_ssl.data import augment
 from tf_ssl.data import pipeline
 from tf_ssl.data import sources
@@ -42,8 +39,8 @@ def build_model(config, num_classes):
   backbone = build_backbone(m.backbone, small_image_stem=m.small_image_stem,
                             **backbone_kwargs)
   head = ProjectionHead(hidden_dim=m.proj_hidden_dim, output_dim=m.proj_dim,
-                        num_layers=m.proj_layers,
-                        version=m.head_version, sync_bn=m.sync_bn)
+                        num_layers=m.proj_layers, kind=m.proj_head,
+                        sync_bn=m.sync_bn)
   model = ContrastiveModel(backbone, head, num_classes=num_classes or 0,
                            method=config.method, temperature=config.temperature,
                            supcon_options=config.supcon_options)
@@ -57,7 +54,7 @@ def build_optimizer(config, steps_per_epoch, total_steps):
   peak = config.learning_rate
   if config.lr_scaling != "none":
     peak = optim.scale_learning_rate(peak, config.global_batch_size, config.lr_scaling)
-  warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), total_steps)
+  warmup = runner.warmup_steps(config.warmup_epochs, steps_per_epoch, total_steps)
   schedule = optim.WarmupCosine(peak, warmup, total_steps)
   if config.optimizer == "lars":
     opt = optim.LARS(schedule, momentum=config.momentum, weight_decay=config.weight_decay)
@@ -78,11 +75,13 @@ def first_examples(source, n):
 
 
 def evaluate_features(strategy, embed_fn, train_source, test_source, config,
-                      batch_size, name="encoder"):
+                      batch_size, name="encoder", exclude_self=False):
   """k-NN and linear top-1 of `embed_fn`'s features on the labelled splits.
 
   The features are computed on `strategy`'s replicas (batch_size is global)
-  and gathered on every host; the fits run on the host.
+  and gathered on every host; the fits run on the host. exclude_self: the
+  splits are the same examples in the same order (no held-out split), so
+  each query's own example is left out of its k-NN bank.
   """
   size = config.data.image_size
   t0 = time.time()
@@ -92,7 +91,8 @@ def evaluate_features(strategy, embed_fn, train_source, test_source, config,
   classes = test_source.num_classes or int(max(train[1].max(), test[1].max()) + 1)
   t1 = time.time()
   knn = evaluate.knn_accuracy(*train, *test, classes, k=config.knn_k,
-                              temperature=config.knn_temperature)
+                              temperature=config.knn_temperature,
+                              exclude_self=exclude_self)
   t2 = time.time()
   linear = evaluate.linear_accuracy(*train, *test, classes)
   logging.info("%s: features %.0fs, k-NN %.0fs, linear %.0fs", name,
@@ -100,24 +100,29 @@ def evaluate_features(strategy, embed_fn, train_source, test_source, config,
   return {"knn_top1": knn, "linear_top1": linear}
 
 
-def knn_monitor(backbone, train_source, test_source, config, batch_size=256):
+def knn_monitor(strategy, backbone, train_source, test_source, config,
+                batch_size=256, exclude_self=False):
   """A function returning the k-NN top-1 of `backbone` on fixed subsets.
 
   The first `config.eval_examples` examples of each split: the same bank and
   queries at every evaluation, so the curve moves only with the encoder.
+  The features are computed on the strategy's replicas (on a TPU, on its
+  cores), as the final evaluation does; batch_size is global.
   """
   bank = first_examples(train_source, config.eval_examples)
   queries = first_examples(test_source, config.eval_examples)
   classes = test_source.num_classes or train_source.num_classes
+  size = config.data.image_size
+  batch_size = -(-batch_size // strategy.num_replicas_in_sync) * strategy.num_replicas_in_sync
 
   def accuracy():
-    size = config.data.image_size
-    train = evaluate.extract_features(
-        backbone, pipeline.build_eval(bank, batch_size, size, cache=False))
-    test = evaluate.extract_features(
-        backbone, pipeline.build_eval(queries, batch_size, size, cache=False))
+    train, test = (evaluate.extract_features_distributed(
+        strategy, backbone,
+        pipeline.eval_dataset(strategy, source, batch_size, size, cache=False))
+                   for source in (bank, queries))
     return evaluate.knn_accuracy(*train, *test, classes, k=config.knn_k,
-                                 temperature=config.knn_temperature)
+                                 temperature=config.knn_temperature,
+                                 exclude_self=exclude_self)
   return accuracy
 
 
@@ -147,164 +152,132 @@ def is_grayscale(source, image_size, examples=256):
 
 def main(argv):
   del argv
-  try:
-    config = tf_ssl_flags.pretrain_config()
-  except tf_ssl_flags.flags.ValidationError as e:
-    raise app.UsageError(str(e)) from None
-  run = config.run
+  with runner.user_errors("tf_ssl.train"):
+    _main()
+
+
+def _main():
   t_start = time.time()
-  keras.utils.set_random_seed(run.seed)
-  if run.mixed_precision:
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+  with runner.preparing():
+    config = tf_ssl_flags.pretrain_config()
+    run = config.run
+    r = runner.start(run.workdir, run.strategy, run.tpu, run.seed,
+                     run.mixed_precision, flags_text=tf_ssl_flags.flags_as_text())
+    strategy = r.strategy
+    replicas = r.replicas
+    if config.global_batch_size % replicas:
+      raise runner.UserError(
+          f"--global_batch_size={config.global_batch_size} is not divisible by the "
+          f"{replicas} replicas of --strategy={run.strategy}.")
 
-  # ---------------------------------------------------------------- strategy
-  strategy = distribute.get_strategy(run.strategy, run.tpu)
-  replicas = strategy.num_replicas_in_sync
-  # Multi-worker: every worker runs this whole function (saves read
-  # variables collectively), but only the chief writes to --workdir; the
-  # others write into a scratch directory deleted at the end.
-  is_chief, task_id = distribute.worker_info(strategy)
-  own_dir = run.workdir if is_chief else os.path.join(
-      run.workdir, "tmp", f"worker{task_id}")
-  tf.io.gfile.makedirs(own_dir)
-  if is_chief:
-    outputs.write_text(os.path.join(run.workdir, "flags.txt"), tf_ssl_flags.flags_as_text())
-  if config.global_batch_size % replicas:
-    raise app.UsageError(
-        f"--global_batch_size={config.global_batch_size} is not divisible by the "
-        f"{replicas} replicas of --strategy={run.strategy}.")
+    # ------------------------------------------------------------------ input
+    d = config.data
+    train_source = sources.make_source(d.dataset, d.train_split, d.data_dir)
+    test_source = sources.make_source(d.dataset, d.eval_split, d.data_dir)
+    if config.method == "supcon" and not train_source.num_classes:
+      raise runner.UserError(
+          f"--method=supcon needs labels, and --dataset={d.dataset} "
+          f"--train_split={d.train_split} has none; use --method=simclr.")
+    eval_on_train = sources.same_data(train_source, test_source)
+    steps_per_epoch = train_source.num_examples // config.global_batch_size
+    if steps_per_epoch < 1:
+      raise runner.UserError(
+          f"--global_batch_size={config.global_batch_size} is larger than the "
+          f"{train_source.num_examples} examples of --train_split={d.train_split}.")
+    # model.fit runs whole executions of --steps_per_execution steps, so the
+    # run's length is a multiple of it: --train_epochs rounds up to one
+    # (--train_steps must be one), and the schedule ends where training does.
+    spe = run.steps_per_execution
+    total_steps = config.train_steps or runner.whole_executions(
+        config.train_epochs * steps_per_epoch, spe)
+    views = augment.SimCLRAugment(
+        d.image_size, color_strength=d.color_strength, version=d.simclr_version,
+        blur=d.blur, crop_area=(d.crop_min_area, 1.0), num_views=d.num_views)
 
-  # -------------------------------------------------------------------- input
-  d = config.data
-  train_source = sources.make_source(d.dataset, d.train_split, d.data_dir)
-  steps_per_epoch = train_source.num_examples // config.global_batch_size
-  if steps_per_epoch < 1:
-    raise app.UsageError(
-        f"--global_batch_size={config.global_batch_size} is larger than the "
-        f"{train_source.num_examples} examples of --train_split={d.train_split}.")
-  # model.fit runs whole executions of --steps_per_execution steps, so the
-  # run's length is a multiple of it: --train_epochs rounds up to one
-  # (--train_steps must be one), and the schedule ends where training does.
-  spe = run.steps_per_execution
-  total_steps = config.train_steps or spe * int(math.ceil(
-      config.train_epochs * steps_per_epoch / spe))
-  views = augment.SimCLRAugment(
-      d.image_size, color_strength=d.color_strength, version=d.simclr_version,
-      blur=d.blur, crop_area=(d.crop_min_area, 1.0), num_views=d.num_views)
-  train_data = pipeline.pretrain_dataset(
-      strategy, train_source, config.global_batch_size, views,
-      seed=run.seed if run.deterministic else None, cache=d.cache)
+    # ----------------------------------------------------- model + optimizer
+    with strategy.scope():
+      model = build_model(config, train_source.num_classes)
+      optimizer, schedule = build_optimizer(config, steps_per_epoch, total_steps)
+      model.compile(optimizer=optimizer, steps_per_execution=spe,
+                    jit_compile=run.jit_compile)
+      optimizer.build(model.trainable_variables)
+    logging.info("%s: %s parameters, %d replicas, %d steps (%.2f epochs)",
+                 config.model.backbone, f"{model.count_params():,}", replicas,
+                 total_steps, total_steps / steps_per_epoch)
 
-  # ------------------------------------------------------- model + optimizer
-  with strategy.scope():
-    model = build_model(config, train_source.num_classes)
-    optimizer, schedule = build_optimizer(config, steps_per_epoch, total_steps)
-    model.compile(optimizer=optimizer, steps_per_execution=run.steps_per_execution,
-                  jit_compile=run.jit_compile)
-    optimizer.build(model.trainable_variables)
-  logging.info("%s: %s parameters, %d replicas, %d steps (%.2f epochs)",
-               config.model.backbone, f"{model.count_params():,}", replicas,
-               total_steps, total_steps / steps_per_epoch)
+    # -------------------------------------------------- checkpoint and resume
+    # make_checkpoint files every variable by its Keras path: a plain
+    # tf.train.Checkpoint(model=...) misses layers Keras 3 keeps in lists.
+    checkpoint = checkpoints.make_checkpoint(model, optimizer)
+    manager, _ = runner.restore_or_init(r, checkpoint, keep=run.keep_checkpoints)
+    start_step = int(optimizer.iterations.numpy())
+    # The data stream depends on the seed, the input pipeline and the step
+    # the run starts from: a resumed run sees new crops and a new order.
+    train_data = pipeline.pretrain_dataset(
+        strategy, train_source, config.global_batch_size, views, seed=run.seed,
+        start_step=start_step, deterministic=run.deterministic, cache=d.cache)
 
-  # ---------------------------------------------------- checkpoint and resume
-  # make_checkpoint files every variable by its Keras path: a plain
-  # tf.train.Checkpoint(model=...) misses layers Keras 3 keeps in lists.
-  checkpoint = checkpoints.make_checkpoint(model, optimizer)
-  manager = tf.train.CheckpointManager(
-      checkpoint, os.path.join(own_dir, "checkpoints"),
-      max_to_keep=run.keep_checkpoints)
-  latest = tf.train.latest_checkpoint(os.path.join(run.workdir, "checkpoints"))
-  if latest:  # Every worker resumes from the chief's checkpoint.
-    checkpoint.read(latest).assert_existing_objects_matched()
-    logging.info("Resumed from %s", latest)
-  start_step = int(optimizer.iterations.numpy())
-
-  # -------------------------------------------------------------------- train
-  writer = (tf.summary.create_file_writer(os.path.join(run.workdir, "summaries"))
-            if is_chief else tf.summary.create_noop_writer())
-  test_source = sources.make_source(d.dataset, d.eval_split, d.data_dir)
-  if start_step == 0 and is_chief:
+  # ------------------------------------------------------------------ train
+  if eval_on_train:
+    logging.warning(
+        "--eval_split=%s reads the training data (%s): the evaluation is on the "
+        "training images; the k-NN leaves each query's own image out of its bank. "
+        "Give the data a held-out split for a real evaluation.", d.eval_split,
+        test_source.name)
+  if start_step == 0 and r.is_chief:
     sample = pipeline.build_pretrain(train_source, 8, views, seed=run.seed,
                                      cache=False, shuffle_buffer=0)
-    plots.write_view_grid(writer, next(iter(sample))["views"], step=0)
-  saver = callbacks.CheckpointAndPreemption(manager, optimizer.iterations,
-                                            run.checkpoint_every_steps,
-                                            distribute.any_worker(strategy))
-  history_path = os.path.join(own_dir, "history.jsonl")
-  verbose = callbacks.keras_verbosity()
-  fit_callbacks = [
-      callbacks.NonFiniteGuard(optimizer.iterations),
-      callbacks.StopAtStep(optimizer.iterations, total_steps),
-      saver,
-      callbacks.Throughput(config.global_batch_size, optimizer.iterations, schedule,
-                           writer=writer, every_steps=max(1, min(50, total_steps // 20)),
-                           history_path=history_path, total_steps=total_steps,
-                           log_every_steps=callbacks.progress_log_every(total_steps, verbose)),
-  ]
+    plots.write_view_grid(r.writer, next(iter(sample))["views"], step=0)
+  extra = []
   if config.eval_every_steps:
-    # Before Throughput, so its row of history.jsonl carries knn_top1 and the
-    # k-NN time does not count against images/s.
-    fit_callbacks.insert(2, callbacks.KnnMonitor(
-        knn_monitor(model.backbone, train_source, test_source, config),
-        optimizer.iterations, config.eval_every_steps, writer=writer))
-  remaining = total_steps - start_step
-  if remaining > 0:
-    # One Keras "epoch" = about one pass, in whole executions.
-    chunk = max(spe, min(steps_per_epoch, total_steps) // spe * spe)
-    model.fit(train_data, steps_per_epoch=chunk, shuffle=False,
-              initial_epoch=start_step // chunk,
-              epochs=start_step // chunk + int(math.ceil(remaining / chunk)),
-              callbacks=fit_callbacks, verbose=verbose)
-  if saver.preempted:
-    logging.warning("Preempted at step %d; rerun the same command to resume.",
-                    int(optimizer.iterations.numpy()))
+    extra.append(callbacks.KnnMonitor(
+        knn_monitor(strategy, model.backbone, train_source, test_source, config,
+                    exclude_self=eval_on_train),
+        optimizer.iterations, config.eval_every_steps, writer=r.writer))
+  preempted, _ = runner.fit(
+      r, model, train_data, total_steps=total_steps, steps_per_pass=steps_per_epoch,
+      global_batch_size=config.global_batch_size, schedule=schedule,
+      manager=manager, checkpoint_every_steps=run.checkpoint_every_steps,
+      extra_callbacks=extra)
+  if preempted:
     return
   train_seconds = time.time() - t_start
 
-  # --------------------------------------------------------------- evaluation
+  # ------------------------------------------------------------- evaluation
   eval_batch = -(-max(256, config.global_batch_size) // replicas) * replicas
   train_source = first_examples(train_source, config.final_eval_examples)
   test_source = first_examples(test_source, config.final_eval_examples)
   results = evaluate_features(strategy, model.backbone, train_source, test_source,
-                              config, eval_batch)
+                              config, eval_batch, exclude_self=eval_on_train)
   if config.baselines:
+    t0 = time.time()
     gray = is_grayscale(train_source, d.image_size)
     with strategy.scope():
       random_init = build_model(config, 0).backbone
+    logging.info("baselines: set up in %.0fs", time.time() - t0)
     for prefix, embed in (("raw_pixel_", raw_pixels(gray)),
                           ("random_init_", random_init)):
       for key, value in evaluate_features(strategy, embed, train_source,
                                           test_source, config, eval_batch,
-                                          name=prefix[:-1]).items():
+                                          name=prefix[:-1],
+                                          exclude_self=eval_on_train).items():
         results[prefix + key] = value
-  results.update(eval_train_examples=train_source.num_examples,
+  step = int(optimizer.iterations.numpy())
+  results.update(eval_on_train=eval_on_train,
+                 eval_train_examples=train_source.num_examples,
                  eval_test_examples=test_source.num_examples,
-                 train_steps=int(optimizer.iterations.numpy()),
+                 train_steps=step,
                  wall_seconds=round(time.time() - t_start, 1),
                  train_seconds=round(train_seconds, 1))
-  with writer.as_default(step=int(optimizer.iterations.numpy())):
-    for key, value in results.items():
-      if key.endswith("top1"):
-        tf.summary.scalar("eval/" + key, value)
-  outputs.write_text(os.path.join(own_dir, "results.json"), json.dumps(results, indent=2))
-  plots.training_curves(history_path, os.path.join(own_dir, "training_curves.png"))
+  runner.write_results(r, results, step)
   print(json.dumps(results, indent=2))
 
-  # ------------------------------------------------------------------- export
+  # ----------------------------------------------------------------- export
   if config.export:
     from tf_ssl import export  # pylint: disable=g-import-not-at-top
-    export.export_saved_model(model, os.path.join(own_dir, "saved_model"))
-  if not is_chief:
-    tf.io.gfile.rmtree(own_dir)
-    # The last worker out removes <workdir>/tmp; another may be finishing at
-    # the same moment, so a directory already gone or not yet empty is fine.
-    try:
-      scratch = os.path.dirname(own_dir)
-      if not tf.io.gfile.listdir(scratch):
-        tf.io.gfile.rmtree(scratch)
-    except tf.errors.OpError:
-      pass
+    export.export_saved_model(model, r.path("saved_model"))
+  runner.finish(r)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=tf_ssl_flags.parse_command_line)

@@ -129,7 +129,7 @@ def _build(cfg):
                             sync_bn=cfg["sync_bn"])
   # SimCLR v1 head: hidden width = the feature width (2048 for a ResNet-50).
   head = ProjectionHead(hidden_dim=None, output_dim=128, num_layers=2,
-                        version=1, sync_bn=cfg["sync_bn"])
+                        sync_bn=cfg["sync_bn"])
   model = ContrastiveModel(backbone, head, num_classes=cfg["classes"],
                            method="simclr", temperature=0.1)
   macs = _count_forward_macs(model, cfg["size"])
