@@ -1,5 +1,5 @@
 """k-NN and linear evaluation against NumPy / scikit-learn and the published
-raw-pixel Fashion-MNIST baselines of RECIPES.md."""
+raw-pixel Fashion-MNIST baselines of docs/recipes.md."""
 
 import gzip
 import os
@@ -80,7 +80,7 @@ def _idx(name):
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(FMNIST), reason="apt-get install dataset-fashion-mnist")
 def test_raw_pixel_baselines_match_published():
-  # RECIPES.md, measured on the test set: k-NN (k=200, cosine, T=0.1) 78.9%;
+  # docs/recipes.md, measured on the test set: k-NN (k=200, cosine, T=0.1) 78.9%;
   # logistic regression on standardised pixels 83.7%.
   x_train, y_train = _idx("train-images-idx3-ubyte.gz"), _idx("train-labels-idx1-ubyte.gz")
   x_test, y_test = _idx("t10k-images-idx3-ubyte.gz"), _idx("t10k-labels-idx1-ubyte.gz")

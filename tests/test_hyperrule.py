@@ -1,4 +1,4 @@
-"""BiT-HyperRule by table: every number below is written from RECIPES.md
+"""BiT-HyperRule by table: every number below is written from docs/recipes.md
 ("BiT-HyperRule"), not computed from tf_ssl.hyperrule."""
 
 import numpy as np
@@ -60,7 +60,7 @@ def test_scale_lr():
     hyperrule.scale_lr(0)
 
 
-# lr at the boundaries, for base_lr 0.003 (RECIPES.md: linear warmup, /10 at
+# lr at the boundaries, for base_lr 0.003 (docs/recipes.md: linear warmup, /10 at
 # each boundary; the released get_lr decays strictly after the boundary step
 # and ends (None) at the total).
 @pytest.mark.parametrize("size,table", [

@@ -11,7 +11,7 @@ from test_models_layers import np_conv_valid, np_group_norm, np_standardize
 
 def released_r50x1_shapes(head_size):
   """Every array of a released BiT R50x1 .npz, written from the published
-  key names (RECIPES.md; big_transfer's loaders) and HWIO shapes."""
+  key names (docs/recipes.md; big_transfer's loaders) and HWIO shapes."""
   shapes = {"resnet/root_block/standardized_conv2d/kernel": (7, 7, 3, 64)}
   cin = 64
   for b, units in enumerate((3, 4, 6, 3)):

@@ -1,6 +1,6 @@
 """LARS against a NumPy reference, its exclusions on a real model, 1 vs 2
 replicas, checkpoints and configs; the warmup-cosine schedule and LR scaling
-against RECIPES.md."""
+against docs/recipes.md."""
 
 import copy
 import logging
@@ -17,7 +17,7 @@ from tf_ssl import optim
 
 def numpy_lars(weights, grad_steps, lr, momentum, weight_decay, eeta,
                nesterov, decay, adapt):
-  """Plain float64 LARS (RECIPES.md); returns weights and velocities."""
+  """Plain float64 LARS (docs/recipes.md); returns weights and velocities."""
   weights = [np.array(w, np.float64) for w in weights]
   velocities = [np.zeros_like(w) for w in weights]
   for grads in grad_steps:

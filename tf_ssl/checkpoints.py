@@ -238,7 +238,7 @@ def restore_projection_layers(projection_head, checkpoint_path,
   """Restores the first `num_layers` layers of a pretrained ProjectionHead.
 
   SimCLR v2 fine-tunes from inside the projection head (ft_proj_selector,
-  RECIPES.md "SimCLR models"): the layers up to the chosen one come from
+  docs/recipes.md "SimCLR models"): the layers up to the chosen one come from
   pretraining. Build the target head like the saved one and read its
   "proj_<num_layers>" endpoint; later layers keep their initial values.
 

@@ -1,7 +1,7 @@
 """BiT-HyperRule: the fine-tuning hyper-parameters of Big Transfer as tables.
 
 Kolesnikov et al. 2020, "Big Transfer (BiT): General Visual Representation
-Learning", section 3.3, with the numbers of the released code (RECIPES.md
+Learning", section 3.3, with the numbers of the released code (docs/recipes.md
 "BiT-HyperRule"). Everything is a pure function of the image size or of the
 number of training examples, so a trainer, a tool and a notebook all get the
 same answer:
@@ -22,7 +22,7 @@ import bisect
 import keras
 import tensorflow as tf
 
-BASE_LR = 0.003        # At BASE_BATCH_SIZE (RECIPES.md).
+BASE_LR = 0.003        # At BASE_BATCH_SIZE (docs/recipes.md).
 BASE_BATCH_SIZE = 512
 MOMENTUM = 0.9
 MIXUP_ALPHA = 0.1

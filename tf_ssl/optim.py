@@ -1,6 +1,6 @@
 """LARS, the warmup-cosine schedule and learning-rate scaling of SimCLR/SupCon.
 
-The maths is RECIPES.md "LARS" (You et al. 2017, "Large Batch Training of
+The maths is docs/recipes.md "LARS" (You et al. 2017, "Large Batch Training of
 Convolutional Networks", as used by SimCLR). Which variables skip weight decay
 and layer adaptation is decided by regular expressions on the Keras 3
 `variable.path` ("conv/kernel", "resnet/head/conv2d/bias"). In Keras 3
@@ -16,7 +16,7 @@ import tensorflow as tf
 from absl import logging
 
 # Regexes (re.search on variable.path) that LARS exempts from weight decay and
-# from layer adaptation by default (RECIPES.md: normalisation parameters,
+# from layer adaptation by default (docs/recipes.md: normalisation parameters,
 # biases and the supervised / linear-probe head).
 DEFAULT_EXCLUDE = (
     r"(^|/)(gamma|beta)$",  # BatchNorm, GroupNorm, LayerNorm scale and offset.
@@ -55,7 +55,7 @@ def _matches(patterns, path):
 class LARS(keras.optimizers.Optimizer):
   """Layer-wise Adaptive Rate Scaling with classic (or Nesterov) momentum.
 
-  For each variable w with gradient g (RECIPES.md "LARS"):
+  For each variable w with gradient g (docs/recipes.md "LARS"):
 
       g' = g + weight_decay * w          (unless excluded from weight decay)
       trust = eeta * |w| / |g'|          (1 if either norm is 0, or excluded

@@ -1,6 +1,6 @@
 """BiT ResNet-v2: pre-activation ResNets with GroupNorm + Weight Standardisation.
 
-Architecture exactly as RECIPES.md, "BiT ResNet-v2" (Kolesnikov et al., Big
+Architecture exactly as docs/recipes.md, "BiT ResNet-v2" (Kolesnikov et al., Big
 Transfer, https://arxiv.org/abs/1912.11370). The model is a subclassed
 keras.Model whose sub-layers are named after the released checkpoint's scopes,
 so that Keras 3 `variable.path` equals the .npz key, e.g.
@@ -16,7 +16,7 @@ from keras import ops
 from tf_ssl.models.layers import StdConv2D, group_norm, symmetric_pad
 
 # depth -> (unit type, units per block). 50/101/152 are the released BiT
-# models (RECIPES.md); 18/34 (basic units) and 26 are small variants for CPU
+# models (docs/recipes.md); 18/34 (basic units) and 26 are small variants for CPU
 # work, with the same layer names.
 BLOCK_UNITS = {
     18: ("basic", (2, 2, 2, 2)),
@@ -236,7 +236,7 @@ class ResNetV2(keras.Model):
   def call(self, images, training=None):
     del training  # GN and WS have no train/inference difference.
     out = {}
-    x = self.root(images * 2.0 - 1.0)  # RECIPES.md: BiT inputs in [-1, 1].
+    x = self.root(images * 2.0 - 1.0)  # docs/recipes.md: BiT inputs in [-1, 1].
     out["stem"] = x
     for b, block in enumerate(self.blocks):
       x = block(x)
