@@ -125,6 +125,19 @@ def test_simclr_loss_over_several_views_matches_numpy(num_views):
   np.testing.assert_allclose(float(loss), _numpy_multiview_nt_xent(z, 0.5), rtol=1e-5)
 
 
+def test_supcon_on_unlabelled_rows_is_simclr():
+  # Label -1 is "unlabelled", not a class: with every row unlabelled, SupCon's
+  # positives are each image's other view, i.e. SimCLR at SupCon's scale
+  # (a mean over anchors: half of NT-Xent's loss_a + loss_b).
+  z = tf.constant(np.random.default_rng(7).normal(size=(2 * 5, 6)), tf.float32)
+  unlabelled = tf.fill([5], tf.constant(-1, tf.int64))
+  supcon = _build("supcon", supcon_options={"base_temperature": 0.5})
+  simclr = _build("simclr")
+  got, _ = supcon._contrastive_loss(z, unlabelled, 2)  # pylint: disable=protected-access
+  want, _ = simclr._contrastive_loss(z, None, 2)  # pylint: disable=protected-access
+  np.testing.assert_allclose(2 * float(got), float(want), rtol=1e-5)
+
+
 def test_supcon_takes_more_views():
   _, history = _fit_one_step(mirrored(1), "supcon", None, num_views=3)
   assert np.isfinite(history["loss"][0])

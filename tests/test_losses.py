@@ -50,17 +50,21 @@ def np_nt_xent(z1, z2, tau):
 
 def np_supcon(features, labels, tau, base_tau, mode, summation, denominator):
   """SupCon from the paper's Eq. 2 (outside) / Eq. 3 (inside), one anchor at
-  a time; `labels` and `features` are the global batch."""
+  a time; `labels` and `features` are the global batch. A view's positives
+  are the other views of its example and, if its label is >= 0, the views
+  of every example with that label (a negative label is "unlabelled")."""
   n, v, _ = features.shape
   z = _normalize(features).reshape(n * v, -1)
   lab = np.repeat(labels, v)
+  example = np.repeat(np.arange(n), v)
   anchors = range(n * v) if mode == "all" else range(0, n * v, v)
   losses = []
   for i in anchors:
     s = z @ z[i] / tau
     others = np.arange(n * v) != i
-    pos = np.flatnonzero(others & (lab == lab[i]))
-    neg = lab != lab[i]
+    same = (example == example[i]) | ((lab == lab[i]) & (lab[i] >= 0))
+    pos = np.flatnonzero(others & same)
+    neg = ~same
     if len(pos) == 0:
       losses.append(0.0)
       continue
@@ -106,7 +110,13 @@ LABELS = np.array([0, 1, 0, 2, 1, 0, 3, 2], np.int32)
 # One view and singleton classes: some anchors have no positive at all.
 FEATS_1VIEW = _normal((6, 1, 5), 3)
 LABELS_1VIEW = np.array([0, 0, 1, 2, 2, 3], np.int32)
-CASES = {"2views": (FEATS, LABELS), "1view_singletons": (FEATS_1VIEW, LABELS_1VIEW)}
+# Labelled and unlabelled (-1) rows mixed, every replica holding both kinds
+# on 2 replicas; three views so an unlabelled anchor has two positives.
+FEATS_3VIEW = _normal((8, 3, 5), 5)
+LABELS_MIXED = np.array([0, -1, 1, -1, 0, -1, -1, 1], np.int32)
+CASES = {"2views": (FEATS, LABELS), "1view_singletons": (FEATS_1VIEW, LABELS_1VIEW),
+         "unlabelled_2views": (FEATS, LABELS_MIXED),
+         "unlabelled_3views": (FEATS_3VIEW, LABELS_MIXED)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -209,6 +219,21 @@ def test_nt_xent_is_the_sum_of_both_directions():
   np.testing.assert_allclose(nt_xent(Z1, Z2, TAU)[0].numpy(), want, **TOL)
 
 
+def test_supcon_unlabelled_rows_are_not_one_class():
+  # All unlabelled: the positives are the example's own other views, as in
+  # SimCLR, whatever the label value; with two views that is half NT-Xent.
+  feats = np.stack([Z1, Z2], axis=1)
+  unlabelled = supcon(feats, np.full(8, -1), TAU, TAU)[0]
+  np.testing.assert_allclose(2 * unlabelled.numpy(),
+                             nt_xent(Z1, Z2, TAU)[0].numpy(), rtol=1e-6)
+  # A -1 row and a labelled row never attract: relabelling the unlabelled
+  # rows with fresh distinct classes changes nothing.
+  fresh = np.where(LABELS_MIXED < 0, 100 + np.arange(8), LABELS_MIXED)
+  for feats in (FEATS, FEATS_3VIEW):
+    np.testing.assert_allclose(supcon(feats, LABELS_MIXED, TAU)[0].numpy(),
+                               supcon(feats, fresh, TAU)[0].numpy(), rtol=1e-6)
+
+
 # ------------------------------------------------------------- replicas
 def _local(global_labels):
   """This replica's contiguous slice of a global label vector."""
@@ -224,7 +249,7 @@ def test_nt_xent_across_replicas(strategy):
     np.testing.assert_allclose(got.numpy(), want_g, **TOL)
 
 
-@pytest.mark.parametrize("case", ["2views"])
+@pytest.mark.parametrize("case", ["2views", "unlabelled_3views"])
 @pytest.mark.parametrize("mode,summation,denominator",
                          [("all", "outside", "all"), ("one", "inside", "negatives")])
 def test_supcon_across_replicas(strategy, case, mode, summation, denominator):

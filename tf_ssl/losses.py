@@ -123,6 +123,11 @@ def supcon(features, labels, temperature, base_temperature=0.07,
   except i, and s_ia = z_i . z_a / temperature (docs/recipes.md, "Supervised
   Contrastive loss").
 
+  Unlabelled examples (label < 0, the pipeline's -1) are not one class: each
+  gets an id of its own over the global batch, so its views' only positives
+  are the other views of the same example (SimCLR's positives). Treating -1
+  as a label would pull every unlabelled image towards every other one.
+
   Per anchor, with log_prob(i, p) = s_ip - log(sum_{a in D(i, p)} exp(s_ia)):
     summation="outside" (L_out, the paper's recommended Eq. 2):
       -1/|P(i)| sum_{p in P(i)} log_prob(i, p)
@@ -145,7 +150,8 @@ def supcon(features, labels, temperature, base_temperature=0.07,
   Args:
     features: [B, V, D] local projections, V views per example (any float
       dtype; cast to float32 and l2-normalised here).
-    labels: [B] integer class labels of this replica's examples.
+    labels: [B] integer class labels of this replica's examples; negative
+      means unlabelled (positives: the example's own other views only).
     temperature: softmax temperature tau > 0 (0.1 in the paper).
     base_temperature: the loss is scaled by temperature / base_temperature
       (0.07 in the PyTorch reference); pass temperature for no scaling.
@@ -175,6 +181,10 @@ def supcon(features, labels, temperature, base_temperature=0.07,
   features = _normalized(features)
   labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
   b, v, d = tf.unstack(tf.shape(features))
+  # An unlabelled row becomes class -(1 + its global index): unique over
+  # the global batch and never equal to a real (non-negative) label.
+  global_idx = tf.range(b) + distribute.replica_id() * b
+  labels = tf.where(labels < 0, -1 - global_idx, labels)
   all_features = distribute.cross_replica_concat(features)
   all_labels = distribute.cross_replica_concat(labels)
   # Example-major contrast set: view j of global example m is row m * V + j,
