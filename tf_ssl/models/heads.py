@@ -1,72 +1,98 @@
-"""Projection heads (SimCLR v1/v2) and the zero-initialised linear head.
+"""Projection heads (SimCLR's and SupCon's) and the zero-initialised linear head.
 
 Naming matters here: the LARS optimiser excludes classification heads from
 weight decay and trust-ratio adaptation by matching `variable.path`, so use
 sites name them "head", "linear_head" or "probe_head"; the projection head is
-named "projection_head" (its BN gamma/beta are excluded as normalisation
-parameters, its dense kernels are not).
+named "projection_head" (its BN gamma/beta and biases are excluded as
+normalisation parameters and biases, its dense kernels are not).
 """
+
+import math
 
 import keras
 from keras import ops
 
-BN_MOMENTUM = 0.9  # RECIPES.md, "SimCLR models".
+BN_MOMENTUM = 0.9  # docs/recipes.md, "SimCLR models".
 BN_EPSILON = 1e-5
+KINDS = ("simclr", "mlp")
 
 
 @keras.saving.register_keras_serializable(package="tf_ssl")
 class ProjectionHead(keras.layers.Layer):
-  """SimCLR's MLP projection head g(h), returning every intermediate output.
+  """The MLP projection head g(h), returning every intermediate output.
 
-  Structure (RECIPES.md, "Projection head v1 ... v2"):
-    version 1: (num_layers - 1) x [Dense(hidden)-BN-ReLU], then Dense(output)
-      with a bias and no BN (num_layers=2 is the paper's head).
-    version 2: (num_layers - 1) x [Dense(hidden, no bias)-BN-ReLU], then
-      Dense(output, no bias)-BN(no centering) (num_layers=3 is the paper's).
-  The hidden Dense layers carry no bias in either version: the BN right after
-  subtracts the batch mean, so a bias there would be a dead parameter.
+  Two kinds, each as its reference code builds it (docs/recipes.md,
+  "Projection head"):
+    kind="simclr": every layer is Dense(no bias) then BN, with a ReLU
+      between layers; the last BN has no centre (beta) but keeps its scale.
+      Kernels start from N(0, 0.01^2). This is the head of both SimCLR
+      codebases, which differ only in depth: num_layers=2 for v1
+      (model_util.py projection_head), 3 for v2 (tf2/model.py
+      ProjectionHead). No bias anywhere: each BN subtracts the batch mean
+      right after, so a bias would be a dead parameter, and a centre on the
+      last BN would shift every projection alike just before the
+      l2-normalisation.
+    kind="mlp": Dense with a bias, ReLU between layers, no BN at all, with
+      PyTorch nn.Linear's default initialisation (kernel and bias uniform in
+      +-1/sqrt(fan_in)): SupCon's reference head (SupContrast
+      networks/resnet_big.py, head="mlp", Linear-ReLU-Linear at
+      num_layers=2).
+  The paper's text (Chen et al. 2020, Sec. 2.1, W2 relu(W1 h)) omits the BN
+  that both SimCLR codebases use.
 
   `call` returns a dict: "proj_0" is the head input, "proj_i" the output of
-  layer i (after its ReLU, or after the last BN), and "projection" the final
-  output (== proj_{num_layers}); fine-tuning can start from any of them
-  (the reference's ft_proj_selector).
+  layer i (after its ReLU, or after the last layer), and "projection" the
+  final output (== proj_{num_layers}); fine-tuning can start from any of
+  them (the SimCLR v2 reference's ft_proj_selector). Sub-layers are named
+  dense_i and batch_norm_i (i from 1), which checkpoints and
+  tf_ssl.checkpoints.restore_projection_layers rely on.
 
   Args:
     hidden_dim: width of the hidden layers; None means the input width, as in
       SimCLR (2048 for a ResNet-50).
-    output_dim: width of the projection (128 in SimCLR).
+    output_dim: width of the projection (128 in SimCLR and SupCon).
     num_layers: number of Dense layers (>= 1).
-    version: 1 or 2.
+    kind: "simclr" or "mlp", as above.
     sync_bn: synchronise BN statistics across replicas (pretraining with a
-      small per-replica batch).
-    bn_momentum, bn_epsilon: BatchNormalization settings.
+      small per-replica batch); kind="simclr" only has BN.
+    bn_momentum, bn_epsilon: BatchNormalization settings (0.9 and 1e-5 as in
+      the SimCLR reference).
     **kwargs: forwarded to keras.layers.Layer (name defaults to
       "projection_head").
 
   Example:
-    >>> head = ProjectionHead(hidden_dim=512, output_dim=128, num_layers=3,
-    ...                       version=2)
+    >>> head = ProjectionHead(hidden_dim=512, output_dim=128, num_layers=3)
     >>> out = head(features, training=True)
     >>> out["projection"].shape, out["proj_1"].shape  # (B, 128), (B, 512)
 
-  Reference: Chen et al., "Big Self-Supervised Models are Strong
-  Semi-Supervised Learners", https://arxiv.org/abs/2006.10029
+  References: Chen et al., "A Simple Framework for Contrastive Learning of
+  Visual Representations", https://arxiv.org/abs/2002.05709; Chen et al.,
+  "Big Self-Supervised Models are Strong Semi-Supervised Learners",
+  https://arxiv.org/abs/2006.10029; Khosla et al., "Supervised Contrastive
+  Learning", https://arxiv.org/abs/2004.11362
   """
 
-  def __init__(self, hidden_dim=None, output_dim=128, num_layers=2, version=1,
-               sync_bn=False, bn_momentum=BN_MOMENTUM, bn_epsilon=BN_EPSILON,
-               **kwargs):
+  def __init__(self, hidden_dim=None, output_dim=128, num_layers=2,
+               kind="simclr", sync_bn=False, bn_momentum=BN_MOMENTUM,
+               bn_epsilon=BN_EPSILON, **kwargs):
+    if "version" in kwargs:
+      raise TypeError(
+          f"ProjectionHead(version={kwargs['version']!r}) is gone: both SimCLR "
+          "versions build the same head and differ only in depth. Pass "
+          "kind='simclr' with num_layers=2 (v1) or 3 (v2), or kind='mlp' for "
+          "SupCon's Linear-ReLU-Linear head without BN.")
     kwargs.setdefault("name", "projection_head")
     super().__init__(**kwargs)
-    if version not in (1, 2):
-      raise ValueError(f"ProjectionHead: version={version!r}; pass 1 (SimCLR "
-                       "v1 head) or 2 (SimCLR v2 head).")
+    if kind not in KINDS:
+      raise ValueError(f"ProjectionHead: kind={kind!r}; pass 'simclr' "
+                       "(Dense-BN layers, SimCLR v1/v2) or 'mlp' (Dense with "
+                       "bias, no BN, SupCon's reference head).")
     if num_layers < 1:
       raise ValueError(f"ProjectionHead: num_layers={num_layers}; pass >= 1.")
     self.hidden_dim = hidden_dim
     self.output_dim = output_dim
     self.num_layers = num_layers
-    self.version = version
+    self.kind = kind
     self.sync_bn = sync_bn
     self.bn_momentum = bn_momentum
     self.bn_epsilon = bn_epsilon
@@ -77,23 +103,38 @@ class ProjectionHead(keras.layers.Layer):
     # Layers are made here, not in __init__, because hidden_dim=None means
     # "the input width", which is only known now.
     width = input_shape[-1]
+    if width is None:
+      raise ValueError("ProjectionHead.build: the feature width (last axis of "
+                       f"{input_shape}) must be known; build it with "
+                       "(None, backbone.feature_dim).")
     for i in range(1, self.num_layers + 1):
       last = i == self.num_layers
-      has_bn = not last or self.version == 2
-      dense = keras.layers.Dense(
-          self.output_dim if last else (self.hidden_dim or width),
-          use_bias=not has_bn, name=f"dense_{i}", dtype=self.dtype_policy)
-      dense.build((None, width))
-      width = dense.units
+      units = self.output_dim if last else (self.hidden_dim or width)
       bn = None
-      if has_bn:
+      if self.kind == "simclr":
+        # A new initializer per layer: a shared unseeded instance would give
+        # layers of the same shape the same starting kernel.
+        dense = keras.layers.Dense(
+            units, use_bias=False,
+            kernel_initializer=keras.initializers.RandomNormal(stddev=0.01),
+            name=f"dense_{i}", dtype=self.dtype_policy)
         bn = keras.layers.BatchNormalization(
             momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-            synchronized=self.sync_bn,
-            # v2's last BN has no beta: a shift right before l2-normalisation
-            # moves every projection the same way and carries no information.
-            center=not last, name=f"batch_norm_{i}", dtype=self.dtype_policy)
-        bn.build((None, width))
+            synchronized=self.sync_bn, center=not last,
+            name=f"batch_norm_{i}", dtype=self.dtype_policy)
+        bn.build((None, units))
+      else:
+        # nn.Linear's default: kaiming_uniform(a=sqrt(5)) for the kernel,
+        # i.e. U(+-1/sqrt(fan_in)), and the same bound for the bias.
+        bound = 1.0 / math.sqrt(width)
+        dense = keras.layers.Dense(
+            units, use_bias=True,
+            kernel_initializer=keras.initializers.VarianceScaling(
+                1.0 / 3.0, "fan_in", "uniform"),
+            bias_initializer=keras.initializers.RandomUniform(-bound, bound),
+            name=f"dense_{i}", dtype=self.dtype_policy)
+      dense.build((None, width))
+      width = units
       self.dense_layers.append(dense)
       self.bn_layers.append(bn)
 
@@ -113,7 +154,7 @@ class ProjectionHead(keras.layers.Layer):
   def get_config(self):
     config = super().get_config()
     config.update(hidden_dim=self.hidden_dim, output_dim=self.output_dim,
-                  num_layers=self.num_layers, version=self.version,
+                  num_layers=self.num_layers, kind=self.kind,
                   sync_bn=self.sync_bn, bn_momentum=self.bn_momentum,
                   bn_epsilon=self.bn_epsilon)
     return config
@@ -123,8 +164,9 @@ class ProjectionHead(keras.layers.Layer):
 class LinearHead(keras.layers.Dense):
   """A Dense classifier with zero-initialised kernel and bias.
 
-  Zero init is BiT's choice for the new head (RECIPES.md, BiT-HyperRule): the
-  first steps then only move the head, and the logits start at log-uniform.
+  Zero init is BiT's choice for the new head (docs/recipes.md,
+  "BiT-HyperRule"): the first steps then only move the head, and the logits
+  start at zero (a uniform softmax).
   Name it "head", "linear_head" or "probe_head" where it is used, so that the
   LARS exclusion pattern on `variable.path` finds it.
 
