@@ -8,7 +8,9 @@ import tensorflow as tf
 
 from conftest import mirrored
 from tf_ssl import optim
+from tf_ssl.data import augment, pipeline, sources
 from tf_ssl.models.contrastive import ContrastiveModel
+from tf_ssl.models.heads import ProjectionHead
 
 GLOBAL_BATCH = 8
 IMAGE = 8
@@ -183,3 +185,31 @@ def test_fit_options(options):
   if mixed:
     assert model.backbone.conv.kernel.dtype == "float32"
     assert model(tf.zeros((1, IMAGE, IMAGE, 3)))["features"].dtype == tf.bfloat16
+
+
+@pytest.mark.parametrize("replicas", [None, 1, 2], ids=["no_strategy", "1replica", "2replicas"])
+def test_fit_without_calling_the_model_first(replicas):
+  """The README's library example: construct, compile, fit on a pipeline.
+
+  Under a strategy Keras builds an unbuilt model by calling it on the first
+  batch dict as is; the model must take that dict."""
+  rng = np.random.default_rng(0)
+  source = sources.from_arrays(rng.integers(0, 256, (32, 12, 12), np.uint8),
+                               rng.integers(0, 3, 32), num_classes=3)
+  strategy = tf.distribute.get_strategy() if replicas is None else mirrored(replicas)
+  views = augment.SimCLRAugment(IMAGE, color_strength=0.5, blur=False)
+  data = pipeline.pretrain_dataset(strategy, source, 8, views, seed=0)
+  with strategy.scope():
+    model = ContrastiveModel(TinyBackbone(), ProjectionHead(16, 8, num_layers=2),
+                             num_classes=3, temperature=0.5)
+    model.compile(optimizer=optim.LARS(learning_rate=0.5))
+  history = model.fit(data, steps_per_epoch=2, epochs=1, verbose=0)
+  assert int(model.optimizer.iterations.numpy()) == 2
+  assert np.isfinite(history.history["loss"][0])
+  assert model.projection_head.built and model.probe_head.built
+  batch = next(iter(pipeline.pretrain_dataset(tf.distribute.get_strategy(), source,
+                                              4, views, seed=1)))
+  out = model(batch)  # every view of the batch, view-major
+  assert out["projection"].shape == (8, 8) and out["probe_logits"].shape == (8, 3)
+  with pytest.raises(ValueError, match="'views'.*'image'"):
+    model({"pixels": batch["views"]})

@@ -42,8 +42,11 @@ class ContrastiveModel(keras.Model):
     supcon_options: extra keyword arguments of `tf_ssl.losses.supcon`
       (base_temperature, contrast_mode, summation, denominator).
 
+  The model needs no call or build before `fit`: Keras builds it from the
+  first batch (see `call`).
+
   Example:
-    >>> model = ContrastiveModel(backbone, head, num_classes=10)
+    >>> model = ContrastiveModel(backbone, ProjectionHead(), num_classes=10)
     >>> model.compile(optimizer=tf_ssl.optim.LARS(0.3))
     >>> model.fit(pretrain_batches, steps_per_epoch=100)
   """
@@ -79,14 +82,40 @@ class ContrastiveModel(keras.Model):
     # Listed so that Keras resets them at each epoch and evaluation.
     return list(self._trackers.values()) + [self._probe_acc]
 
-  def call(self, images, training=False):
-    """Every named endpoint: the backbone's, the head's and "probe_logits"."""
-    endpoints = dict(self.backbone(images, training=training))
+  def call(self, inputs, training=False):
+    """Every named endpoint: the backbone's, the head's and "probe_logits".
+
+    Args:
+      inputs: images [N, H, W, C] in [0, 1], or a batch dict as the
+        tf_ssl.data pipelines yield it: {"views": [B, V, H, W, C], ...}
+        (pretraining; the endpoints are those of all V * B views, all first
+        views, then all second views..., as train_step orders them) or
+        {"image": [N, H, W, C], ...} (evaluation).
+      training: BN in training mode.
+
+    Accepting the batch dict is what lets an unbuilt model go straight to
+    `fit`: under a distribution strategy Keras first builds the model by
+    calling it symbolically on the first batch, as is.
+    """
+    endpoints = dict(self.backbone(self._images(inputs), training=training))
     endpoints.update(self.projection_head(endpoints["features"], training=training))
     if self.probe_head is not None:
       endpoints["probe_logits"] = self.probe_head(
           tf.stop_gradient(endpoints["features"]))
     return endpoints
+
+  @staticmethod
+  def _images(inputs):
+    if not isinstance(inputs, dict):
+      return inputs
+    if "views" in inputs:
+      return _views_major(inputs["views"])
+    if "image" in inputs:
+      return inputs["image"]
+    raise ValueError(
+        "ContrastiveModel: a batch dict needs 'views' [B, V, H, W, C] (a "
+        "pretraining batch) or 'image' [N, H, W, C] (an eval batch); got "
+        f"keys {sorted(inputs)}. Or pass the images themselves.")
 
   def _contrastive_loss(self, projection, labels, num_views):
     z = tf.reshape(projection, [num_views, -1, tf.shape(projection)[-1]])
