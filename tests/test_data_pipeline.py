@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_ssl.data import augment, from_arrays, make_source, pipeline, skips
+from tf_ssl.data import augment, from_arrays, make_source, pipeline
 
 
 def _source(n=24, size=8):
@@ -105,16 +105,24 @@ def _write_folder(tmp_path):
   return tmp_path
 
 
-def test_corrupt_files_skipped_counted_once_per_epoch(tmp_path):
+def _skip_reports(text):
+  return [l for l in text.splitlines() if "could not be decoded" in l]
+
+
+def test_corrupt_files_skipped_counted_once_per_epoch(tmp_path, capfd):
   src = make_source(f"folder:{_write_folder(tmp_path)}")
-  counter = skips.SkipCounter(src.name)
-  ds = pipeline.build_pretrain(src, 1, augment.SimCLRAugment(16), seed=0,
-                               counter=counter)
+  capfd.readouterr()
+  ds = pipeline.build_pretrain(src, 1, augment.SimCLRAugment(16), seed=0)
   views = [b["views"] for b in ds.take(9).as_numpy_iterator()]  # 3 epochs
   assert all(v.shape == (1, 2, 16, 16, 3) for v in views)     # 5x6 upscaled
-  assert counter.epochs[:2] == [(0, 2, 5), (0, 2, 5)]
+  reports = _skip_reports(capfd.readouterr().err)
+  assert len(reports) >= 2 and reports[0] == reports[1], reports
+  assert reports[0] == (f"WARNING: {src.name}: skipped 2 of 5 images this epoch "
+                        "(input pipeline 0) because they could not be decoded "
+                        "(corrupt or truncated files).")
   ev = list(pipeline.build_eval(src, 4, 16).as_numpy_iterator())
   assert sum(b["mask"].sum() for b in ev) == 3
+  assert len(_skip_reports(capfd.readouterr().err)) == 1
 
 
 def test_label_outside_classes_names_source(tmp_path):
@@ -131,7 +139,7 @@ def test_label_outside_classes_names_source(tmp_path):
     next(iter(pipeline.build_pretrain(src, 1, augment.SimCLRAugment(8), seed=0)))
 
 
-def test_no_false_skips_in_fast_nondeterministic_mode(tmp_path):
+def test_no_false_skips_in_fast_nondeterministic_mode(tmp_path, capfd):
   # Without a seed the parallel map may reorder elements; the end-of-epoch
   # marker must still not overtake images that are decoding, or whole files
   # are reported as skipped when none is corrupt.
@@ -143,9 +151,9 @@ def test_no_false_skips_in_fast_nondeterministic_mode(tmp_path):
     pixels = rng.integers(0, 255, (side, side + 7, 3), dtype=np.uint8)
     (folder / f"{i}.jpg").write_bytes(tf.io.encode_jpeg(pixels).numpy())
   src = make_source(f"folder:{tmp_path}")
-  counter = skips.SkipCounter(src.name)
+  capfd.readouterr()
   ds = pipeline.build_pretrain(src, 4, augment.SimCLRAugment(16), seed=None,
-                               counter=counter, cache=False)
+                               cache=False)
   for _ in ds.take(4 * 48 // 4):  # four epochs
     pass
-  assert counter.epochs == []
+  assert _skip_reports(capfd.readouterr().err) == []

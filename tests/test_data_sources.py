@@ -168,3 +168,54 @@ def test_label_subsets_deterministic_and_balanced():
   assert a.num_classes == 10 and a.num_examples == 100
   with pytest.raises(ValueError, match="exactly one"):
     label_subset(src)
+
+
+class _CountingSource(sources.Source):
+  """A parent that counts the records it hands out (a Python generator: the
+  test runs locally)."""
+
+  def __init__(self, n):
+    super().__init__("counting", n, 3, None, False)
+    self.read = 0
+
+  def records(self, input_context=None, exact_shards=False):
+    def gen():
+      for i in range(self.num_examples):
+        self.read += 1
+        yield {"image": np.full([2, 2, 3], i, np.uint8), "label": i % 3}
+    return tf.data.Dataset.from_generator(gen, output_signature={
+        "image": tf.TensorSpec([2, 2, 3], tf.uint8),
+        "label": tf.TensorSpec([], tf.int64)})
+
+
+def test_indexed_subset_reads_parent_once():
+  parent = _CountingSource(100)
+  sub = subsets.IndexedSubset(parent, [40, 3, 17])
+  got = [int(r["image"][0, 0, 0]) for r in sub.records().repeat(3).as_numpy_iterator()]
+  assert got == [3, 17, 40] * 3
+  assert parent.read <= 41 + 2  # one pass up to the last index (+ prefetch)
+  ctx = tf.distribute.InputContext(2, 1, 2)
+  assert [int(r["label"]) for r in sub.records(ctx).as_numpy_iterator()] == [17 % 3]
+  with pytest.raises(ValueError, match="indices >= 0"):
+    subsets.IndexedSubset(parent, [])
+
+
+def _write_records(path, n):
+  with tf.io.TFRecordWriter(str(path)) as w:
+    for i in range(n):
+      w.write(_example(b"x", i))
+
+
+def test_tfrecord_count_per_file_once_or_given(tmp_path):
+  for f, n in enumerate([3, 0, 5]):
+    _write_records(tmp_path / f"train-{f}", n)
+  paths = [str(tmp_path / f"train-{f}") for f in range(3)]
+  assert files.count_records(paths) == [3, 0, 5]
+  _write_records(tmp_path / "train-1", 4)  # counted already: not re-read
+  assert make_source(f"tfrecord:{tmp_path}/train-*").num_examples == 8
+  # A given count is used as is: these files are never read.
+  (tmp_path / "bad-0").write_bytes(b"not a tfrecord")
+  src = make_source(f"tfrecord:{tmp_path}/bad-*", num_examples=1281167)
+  assert src.num_examples == 1281167
+  with pytest.raises(tf.errors.DataLossError):
+    make_source(f"tfrecord:{tmp_path}/bad-*").num_examples  # pylint: disable=expression-not-assigned

@@ -4,42 +4,18 @@ tf.data's ignore_errors drops an element whose decode fails but says nothing.
 To report, each epoch of records ends with a marker element that carries the
 number of records read in that epoch; after the decode map and
 ignore_errors, the marker compares it with the number that survived and, if
-any were lost, logs one warning and records it in a SkipCounter.
+any were lost, prints one warning to stderr.
+
+The report is a graph op (tf.print), not a Python callback: the pipeline
+must run where no Python client is (tf.data service, the hosts of a
+multi-host slice), so nothing in it may call back into Python.
 """
 
-import threading
+import sys
 
 import tensorflow as tf
-from absl import logging
 
 MARK_KEYS = ("_marker", "_count")
-
-
-class SkipCounter:
-  """Per-epoch counts of skipped (undecodable) examples.
-
-  Attributes:
-    epochs: list of (pipeline_id, skipped, read) for every epoch that lost
-      at least one example, in the order the epochs ended.
-  """
-
-  def __init__(self, name):
-    self.name = name
-    self.epochs = []
-    self._lock = threading.Lock()
-
-  @property
-  def total(self):
-    return sum(e[1] for e in self.epochs)
-
-  def report(self, pipeline_id, skipped, read):
-    pipeline_id, skipped, read = int(pipeline_id), int(skipped), int(read)
-    with self._lock:
-      self.epochs.append((pipeline_id, skipped, read))
-    logging.warning("%s: skipped %d of %d images this epoch (input pipeline %d) "
-                    "because they could not be decoded (corrupt or truncated "
-                    "files).", self.name, skipped, read, pipeline_id)
-    return 0
 
 
 def _marker_like(spec):
@@ -67,13 +43,30 @@ def with_epoch_marker(records):
   return records.scan(tf.constant(0, tf.int64), count)
 
 
-def count_skipped(ds, counter, pipeline_id):
-  """Counts survivors per epoch, reports losses at the marker, drops it."""
+def skip_message(name, skipped, read, pipeline_id):
+  """The warning for one epoch that lost `skipped` of `read` images (a
+  string tensor; the arguments may be tensors)."""
+  num = lambda x: tf.strings.as_string(tf.cast(x, tf.int64))
+  return tf.strings.join([
+      "WARNING: ", name, ": skipped ", num(skipped), " of ", num(read),
+      " images this epoch (input pipeline ", num(pipeline_id), ") because "
+      "they could not be decoded (corrupt or truncated files)."])
+
+
+def count_skipped(ds, name, pipeline_id):
+  """Counts survivors per epoch, reports losses at the marker, drops it.
+
+  Args:
+    ds: elements with the MARK_KEYS of with_epoch_marker, after
+      ignore_errors.
+    name: the source's name, for the message.
+    pipeline_id: this input pipeline's id, for the message.
+  """
   def step(survived, x):
     def report():
-      return tf.py_function(
-          counter.report, [pipeline_id, x["_count"] - survived, x["_count"]],
-          tf.int64)
+      msg = skip_message(name, x["_count"] - survived, x["_count"], pipeline_id)
+      with tf.control_dependencies([tf.print(msg, output_stream=sys.stderr)]):
+        return tf.constant(0, tf.int64)
     lost = x["_marker"] & (x["_count"] > survived)
     done = tf.cond(lost, report, lambda: tf.constant(0, tf.int64))
     with tf.control_dependencies([done]):

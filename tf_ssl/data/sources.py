@@ -55,7 +55,9 @@ class Source:
   """A finite, ordered collection of labelled (or unlabelled) images.
 
   Attributes:
-    name: what the source was made from (the flag string, or "arrays").
+    name: what the source reads, e.g. "folder:/data/train",
+      "tfrecord:/x/train-*", "tfds:cifar10:test", "arrays": two sources with
+      the same name read the same examples (see same_data).
     num_examples: examples in one epoch, over all input pipelines.
     num_classes: number of classes, or None when unknown / unlabelled.
     image_size: (height, width) when every image has it, else None.
@@ -83,6 +85,22 @@ class Source:
         where sharding by file would be cheaper; evaluation needs this.
     """
     raise NotImplementedError
+
+  def shuffled_records(self, input_context, seed):
+    """One epoch of records in a seeded order that changes every epoch.
+
+    Training reads this so that sources stored in a fixed order (class
+    sorted folders, a file list) do not feed the shuffle buffer the same
+    sequence each epoch. The default is records(): the pipeline's shuffle
+    buffer still mixes them.
+
+    Args:
+      input_context: as in records().
+      seed: int, equal on every input pipeline: sources that shard by
+        element need every pipeline to see the same order before sharding.
+    """
+    del seed
+    return self.records(input_context)
 
   def dataset(self, input_context=None):
     """One epoch of {"image": uint8 [H, W, 3], "label": int64} dicts.
@@ -159,6 +177,12 @@ class ArraySource(Source):
                        self.num_classes, f"{self.name}[subset]")
 
 
+def same_data(a, b):
+  """True when Sources `a` and `b` read the same examples (e.g. an eval split
+  that fell back to the training folder), judged by their names."""
+  return a.name == b.name
+
+
 def from_arrays(images, labels=None, num_classes=None, name="arrays"):
   """A Source over in-memory uint8 images [N, H, W(, 1|3)] and int labels.
 
@@ -209,7 +233,8 @@ def fashion_mnist(split="train", data_dir=None):
   return ArraySource(images, labels, 10, f"fashion_mnist:{split}")
 
 
-def make_source(name, split="train", data_dir=None, num_classes=None):
+def make_source(name, split="train", data_dir=None, num_classes=None,
+                num_examples=None):
   """Builds a Source from a flag string.
 
   Args:
@@ -217,12 +242,18 @@ def make_source(name, split="train", data_dir=None, num_classes=None):
       data_dir, never downloaded); "folder:<path>" (one sub-folder per class,
       or a flat folder of unlabelled images); "tfrecord:<glob>" (ImageNet-style
       `image/encoded`, `image/class/label`).
-    split: the split for fashion_mnist and tfds ("train", "test", or any tfds
-      split string such as "unlabelled" or "train[:10%]"); folder and tfrecord
-      sources name their files directly and ignore it.
+    split: the split to read. fashion_mnist and tfds take split names ("train",
+      "test", or any tfds split string such as "unlabelled" or
+      "train[:10%]"). folder:<root> reads <root>/<split>/ when that sub-folder
+      exists, else <root> itself; tfrecord:<glob> replaces "{split}" in the
+      glob (tfrecord:gs://b/imagenet/{split}-*), and a glob without it is
+      read for every split. The Source's name says what was read, so
+      same_data(train, eval) tells when evaluation sees the training data.
     data_dir: tfds data directory, or the folder with Fashion-MNIST's files.
     num_classes: for tfrecord sources, the class count (labels are checked
       against it); ignored elsewhere (read from the data).
+    num_examples: for tfrecord sources, the number of records when known
+      (spares counting them); ignored elsewhere.
 
   Returns:
     A Source.
@@ -237,9 +268,10 @@ def make_source(name, split="train", data_dir=None, num_classes=None):
   if kind == "tfds" and arg:
     return tfds_source.TfdsSource(arg, split, data_dir)
   if kind == "folder" and arg:
-    return files.FolderSource(arg)
+    return files.FolderSource(files.split_folder(arg, split, name), flag=name)
   if kind == "tfrecord" and arg:
-    return files.TFRecordSource(arg, num_classes)
+    return files.TFRecordSource(arg.replace("{split}", split), num_classes,
+                                flag=name, num_examples=num_examples)
   raise ValueError(
       f"--dataset={name!r}: expected fashion_mnist, tfds:<name>, "
       "folder:<path> or tfrecord:<glob>.")

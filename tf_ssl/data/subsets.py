@@ -69,19 +69,31 @@ def label_subset(source, fraction=None, per_class=None, seed=0):
 
 class IndexedSubset(sources.Source):
   """Records at given indices of a source that cannot index directly
-  (tfds, TFRecords): reads the parent in order and keeps the chosen ones."""
+  (tfds, TFRecords).
+
+  The first epoch reads the parent in order, up to the last chosen index,
+  and keeps the chosen records; they are cached in memory, so the following
+  epochs of the same dataset read only the subset (the 1% ImageNet subset
+  is ~13k records, ~1.4 GB of JPEGs split over the input pipelines; the
+  parent is 1.28M). The parent's size need not be known.
+  """
 
   def __init__(self, parent, indices):
-    indices = np.asarray(indices, np.int64)
+    indices = np.unique(np.asarray(indices, np.int64))
+    if indices.size == 0 or indices[0] < 0:
+      raise ValueError(f"{parent.name}: a subset needs indices >= 0; got "
+                       f"{indices.size} indices, the first {indices[:1]}.")
     super().__init__(f"{parent.name}[subset]", len(indices),
                      parent.num_classes, parent.image_size, parent.encoded)
     self.parent, self.indices = parent, indices
-    keep = np.zeros([parent.num_examples], bool)
-    keep[indices] = True
-    self._keep = keep
 
   def records(self, input_context=None, exact_shards=False):
-    keep = tf.constant(self._keep)
-    ds = self.parent.records(None).enumerate()
-    ds = ds.filter(lambda i, r: tf.gather(keep, i)).map(lambda i, r: r)
-    return sources.shard(ds, input_context)
+    indices = tf.constant(self.indices)
+    last = len(self.indices) - 1
+
+    def chosen(i, _):
+      at = tf.minimum(tf.searchsorted(indices, i[None])[0], last)
+      return tf.equal(tf.gather(indices, at), i)
+    ds = self.parent.records(None).take(int(self.indices[-1]) + 1).enumerate()
+    ds = ds.filter(chosen).map(lambda i, r: r)
+    return sources.shard(ds, input_context).cache()

@@ -44,17 +44,29 @@ class TfdsSource(sources.Source):
     self._has_label = label is not None
 
   def records(self, input_context=None, exact_shards=False):
+    return self._read(input_context, exact_shards, None)
+
+  def shuffled_records(self, input_context, seed):
+    """Records with tfds' file order reshuffled every epoch (seeded)."""
+    return self._read(input_context, False, seed)
+
+  def _read(self, input_context, exact_shards, seed):
     tfds = self._tfds
     n = input_context.num_input_pipelines if input_context else 1
     num_shards = self.builder.info.splits[self.split].num_shards
     by_file = n > 1 and not exact_shards and num_shards >= n
+    split = self.split
+    if n > 1 and not by_file:
+      # tfds cuts the split into n runs of examples, so no pipeline depends
+      # on another reading the files in the same order.
+      split = tfds.even_splits(split, n)[input_context.input_pipeline_id]
     read_config = tfds.ReadConfig(
-        try_autocache=False, input_context=input_context if by_file else None)
+        try_autocache=False, input_context=input_context if by_file else None,
+        shuffle_seed=seed,
+        shuffle_reshuffle_each_iteration=True if seed is not None else None)
     ds = self.builder.as_dataset(
-        self.split, shuffle_files=False, read_config=read_config,
+        split, shuffle_files=seed is not None, read_config=read_config,
         decoders={"image": tfds.decode.SkipDecoding()})
-    if not by_file:
-      ds = sources.shard(ds, input_context)
     has_label = self._has_label
     return ds.map(lambda x: {
         "encoded": x["image"],
