@@ -1,5 +1,7 @@
 """Augmentations: each vectorised op matches tf.image for the same parameters
-(within 2/255), and the random recipe has the rates of RECIPES.md."""
+(within 2/255), blur, crops and the eval crop follow the SimCLR reference
+code (tf2/data_util.py), and the random recipe has the rates of
+docs/recipes.md."""
 
 import numpy as np
 import pytest
@@ -46,7 +48,9 @@ def test_grayscale_matches_tf_image():
   np.testing.assert_allclose(color.grayscale(x), want, atol=TOL)
 
 
-def test_blur_matches_2d_numpy_convolution():
+def test_blur_matches_2d_numpy_convolution_with_zero_borders():
+  # The reference's gaussian_blur convolves with padding "SAME": zeros
+  # beyond the border, so edges darken (reflecting them would not).
   x, k = _batch(3, 16), 5
   sigma = np.array([0.3, 1.0, 2.0], np.float32)
   got = color.gaussian_blur(x, sigma, k).numpy()
@@ -54,10 +58,24 @@ def test_blur_matches_2d_numpy_convolution():
   for i, s in enumerate(sigma):
     w = np.exp(-np.arange(-r, r + 1) ** 2 / (2 * s * s))
     w2 = np.outer(w, w) / np.outer(w, w).sum()
-    pad = np.pad(x[i].numpy(), [(r, r), (r, r), (0, 0)], mode="reflect")
+    pad = np.pad(x[i].numpy(), [(r, r), (r, r), (0, 0)])
     want = sum(w2[a, b] * pad[a:a + 16, b:b + 16] for a in range(k) for b in range(k))
-    np.testing.assert_allclose(got[i], want, atol=TOL)
+    np.testing.assert_allclose(got[i], want, atol=1e-5)
   assert color.gaussian_blur(x[:0], sigma[:0], k).shape[0] == 0
+  # A constant image keeps its value inside and darkens at the corners.
+  ones = color.gaussian_blur(tf.ones([1, 16, 16, 3]), [2.0], k).numpy()[0]
+  np.testing.assert_allclose(ones[r:-r, r:-r], 1.0, atol=1e-6)
+  assert ones[0, 0, 0] < 0.6
+
+
+def test_per_view_blur_also_pads_with_zeros():
+  # Views above 64 px blur one at a time with truncated taps (blur_one).
+  x = tf.ones([1, 80, 80, 3])
+  aug = augment.SimCLRAugment(80, color_strength=0.0, blur=True, batch_level=False)
+  y = np.stack([aug.distort(x, tf.constant([s, 1], tf.int64)).numpy()[0]
+                for s in range(8)])
+  # (grey views read 0.9999: rgb_to_grayscale's weights sum to 0.9999)
+  assert y[:, 0, 0].min() < 0.9 and np.abs(y[:, 40, 40] - 1).max() < 2e-4
 
 
 def test_crop_area_and_aspect_statistics():

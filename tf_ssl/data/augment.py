@@ -1,10 +1,11 @@
-"""SimCLR / SupCon views, BiT train and eval views, and MixUp (RECIPES.md).
+"""SimCLR / SupCon views, BiT train and eval views, and MixUp (docs/recipes.md).
 
 A SimCLR view is made in two stages so that each runs where it is cheapest:
   1. Crops. Per example (`crop_views`): samples the V boxes, decodes only
      the union of the boxes from a JPEG (decode_and_crop), and resizes each
-     crop with *bilinear* interpolation (the reference is bicubic; RECIPES.md
-     allows bilinear, and it is about twice as fast). For same-size decoded
+     crop with *bilinear* interpolation (the reference is bicubic; bilinear
+     is about twice as fast: docs/recipes.md, "Departures from the
+     reference code"). For same-size decoded
      images (in-memory arrays) the pipeline crops whole batches instead
      (`crop_batch`: the same bilinear taps as tf.image.resize, as gathers).
   2. `distort` (flip, colour jitter in random order with p=0.8, grayscale
@@ -262,8 +263,8 @@ def _distort_each(x, flip, params, jitter, gray, blur, sigma, version,
   Only jitter and blur sit behind conditionals (they are the costly ops;
   each conditional writes its planes out once). Flip and grayscale are
   selects fused into the final write of the view. Both commute with blur
-  (a symmetric kernel with reflected borders; a per-pixel linear map), so
-  doing them after it gives the recipe's result.
+  (a symmetric kernel with symmetric zero padding; a per-pixel linear map
+  that keeps 0 at 0), so doing them after it gives the recipe's result.
   """
   order = tf.cast(params["order"], tf.int32)
 
@@ -318,7 +319,7 @@ def eval_view_batch(images, image_size, crop_proportion=0.875):
 
 def bit_sizes(height, width):
   """BiT-HyperRule resolution: (resize, crop) = (160, 128) below 96x96 pixels
-  of area, else (512, 480) (RECIPES.md)."""
+  of area, else (512, 480) (docs/recipes.md, "BiT-HyperRule")."""
   return (160, 128) if height * width < 96 * 96 else (512, 480)
 
 

@@ -2,7 +2,7 @@
 
 Each op takes float32 images [N, H, W, 3] in [0, 1] and one parameter per
 image ([N]), and clips to [0, 1] after itself, as the SimCLR reference does
-after every jitter op (RECIPES.md). tests/test_data_augment.py checks each,
+after every jitter op (docs/recipes.md). tests/test_data_augment.py checks each,
 for the same parameters, against the tf.image op applied to one image at a
 time, to within 2/255.
 
@@ -86,10 +86,11 @@ def gaussian_kernels(sigma, kernel_size):
 def gaussian_blur(x, sigma, kernel_size):
   """Separable Gaussian blur with one sigma per image.
 
-  kernel_size is rounded up to odd (2 * (k // 2) + 1, as the SimCLR
-  reference). Borders are reflected rather than zero-padded, so blurred
-  images do not darken at the edges. The batch is folded into the channels
-  so one depthwise convolution blurs every image with its own kernel.
+  kernel_size is rounded up to odd (2 * (k // 2) + 1) and the borders are
+  zero-padded, both as the SimCLR reference's gaussian_blur (tf2/data_util.py:
+  a separable depthwise convolution with padding "SAME"), so a blurred view
+  darkens towards its edges exactly as there. The batch is folded into the
+  channels so one depthwise convolution blurs every image with its own kernel.
   """
   radius = kernel_size // 2
   if radius == 0:
@@ -99,19 +100,18 @@ def gaussian_blur(x, sigma, kernel_size):
 
 
 def _blur(x, sigma, kernel_size):
-  radius = kernel_size // 2
   shape = tf.shape(x)
   n, h, w = shape[0], shape[1], shape[2]
   taps = tf.repeat(tf.transpose(gaussian_kernels(sigma, kernel_size)), 3, axis=1)
   y = tf.reshape(tf.transpose(x, [1, 2, 0, 3]), [1, h, w, n * 3])
-  y = tf.pad(y, [[0, 0], [radius, radius], [radius, radius], [0, 0]], "REFLECT")
-  y = tf.nn.depthwise_conv2d(y, taps[:, None, :, None], [1, 1, 1, 1], "VALID")
-  y = tf.nn.depthwise_conv2d(y, taps[None, :, :, None], [1, 1, 1, 1], "VALID")
+  # "SAME" pads (k - 1) / 2 zeros on each side for an odd kernel.
+  y = tf.nn.depthwise_conv2d(y, taps[:, None, :, None], [1, 1, 1, 1], "SAME")
+  y = tf.nn.depthwise_conv2d(y, taps[None, :, :, None], [1, 1, 1, 1], "SAME")
   return tf.transpose(tf.reshape(y, [h, w, n, 3]), [2, 0, 1, 3])
 
 
 def sample_jitter(seed, n, strength, version=2):
-  """Draws per-image jitter parameters for strength s (RECIPES.md).
+  """Draws per-image jitter parameters for strength s (docs/recipes.md).
 
   Returns a dict of [N] tensors: brightness (v2: factor in
   [max(0, 1-0.8s), 1+0.8s]; v1: additive delta in [-0.8s, 0.8s]), contrast
@@ -255,7 +255,7 @@ def jitter_one(rgb, params, order, version=2):
 def blur_one(rgb, sigma, kernel_size):
   """gaussian_blur of one image's planes ([H, W] each), by shifted sums.
 
-  Same taps and reflected borders as gaussian_blur, but taps further than
+  Same taps and zero-padded borders as gaussian_blur, but taps further than
   3.5 sigma from the centre (together < 2e-4 of the kernel's weight, far
   below the 2/255 tolerance) are left out: a switch_case picks the smallest
   radius that covers 3.5 sigma, so a sigma of 0.3 costs 3 taps, not 23.
@@ -272,9 +272,9 @@ def blur_one(rgb, sigma, kernel_size):
   def blur(r):
     t = taps[radius - r:radius + r + 1]
     t = t / tf.reduce_sum(t)
-    y = tf.pad(x, [[0, 0], [r, r], [0, 0]], "REFLECT")
+    y = tf.pad(x, [[0, 0], [r, r], [0, 0]])
     y = tf.add_n([t[i] * y[:, i:i + h] for i in range(2 * r + 1)])
-    y = tf.pad(y, [[0, 0], [0, 0], [r, r]], "REFLECT")
+    y = tf.pad(y, [[0, 0], [0, 0], [r, r]])
     return tf.add_n([t[i] * y[:, :, i:i + w] for i in range(2 * r + 1)])
   needed = tf.cast(tf.math.ceil(3.5 * tf.cast(sigma, tf.float32)), tf.int32)
   index = tf.clip_by_value(needed, 1, radius) - 1
