@@ -153,6 +153,24 @@ def test_jpeg_window_decode_matches_full_decode():
   np.testing.assert_allclose(from_bytes, from_pixels, atol=TOL)
 
 
+def test_jpeg_window_pixels_equal_a_full_decode():
+  """The decoded window reaches past the boxes, so 4:2:0 chroma upsampling
+  at its edge does not change the pixels of any box."""
+  rng = np.random.default_rng(5)
+  for _ in range(20):
+    h, w = (int(v) for v in rng.integers(40, 120, 2))
+    image = rng.integers(0, 256, (h, w, 3), np.uint8)
+    encoded = tf.io.encode_jpeg(image, quality=95)  # 4:2:0 by default
+    full = tf.io.decode_jpeg(encoded, channels=3).numpy()
+    y0, x0 = (int(v) for v in rng.integers(0, 10, 2))
+    bh, bw = int(rng.integers(5, h - y0)), int(rng.integers(5, w - x0))
+    window, boxes = augment._window_and_boxes(  # pylint: disable=protected-access
+        {"encoded": encoded}, lambda *_: tf.constant([[y0, x0, bh, bw]]))
+    y, x = boxes.numpy()[0, :2]
+    np.testing.assert_array_equal(window.numpy()[y:y + bh, x:x + bw],
+                                  full[y0:y0 + bh, x0:x0 + bw])
+
+
 def test_eval_view_centre_crop():
   image = tf.constant(np.random.default_rng(0).integers(0, 256, (64, 96, 3), np.uint8))
   got = augment.eval_view({"image": image}, 56)
