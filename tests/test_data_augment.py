@@ -78,6 +78,20 @@ def test_per_view_blur_also_pads_with_zeros():
   assert y[:, 0, 0].min() < 0.9 and np.abs(y[:, 40, 40] - 1).max() < 2e-4
 
 
+def test_crop_attempts_and_fallback_follow_the_reference():
+  # sample_distorted_bounding_box(max_attempts=100) in the reference: on a
+  # 20 x 100 image only ~13% of candidates fit, so 10 attempts fell back to
+  # the whole image for ~25% of the crops; 100 attempts almost never do.
+  boxes = augment.sample_crops(tf.constant([4, 2], tf.int64), 2000, 20, 100).numpy()
+  whole = np.all(boxes == [0, 0, 20, 100], axis=1)
+  assert whole.mean() < 0.005, whole.mean()
+  area = boxes[:, 2] * boxes[:, 3] / 2000
+  assert (boxes[:, 2] <= 20).all() and area.min() >= 0.075
+  # When nothing fits (a 1-pixel-high strip), the whole image.
+  strip = augment.sample_crops(tf.constant([1, 1], tf.int64), 50, 1, 300).numpy()
+  assert (strip == [0, 0, 1, 300]).all()
+
+
 def test_crop_area_and_aspect_statistics():
   boxes = tf.stack([augment.sample_crop(tf.constant([i, 3], tf.int64), 300, 300)
                     for i in range(1500)]).numpy()

@@ -29,14 +29,20 @@ from tf_ssl.data import sources
 
 
 def sample_crops(seed, n, height, width, area_range=(0.08, 1.0),
-                 aspect_range=(3 / 4, 4 / 3), attempts=10):
+                 aspect_range=(3 / 4, 4 / 3), attempts=100):
   """Samples n random-resized-crop boxes [n, 4] (offset_y, offset_x, h, w).
 
   Area fraction is uniform in area_range and the aspect ratio (w / h)
-  log-uniform in aspect_range (RECIPES.md). Of `attempts` candidates the
-  first that fits is used; if none fits, the whole image (the fallback of
-  the reference's sample_distorted_bounding_box). Vectorised over the n
-  boxes, so a batch of views costs a handful of ops.
+  log-uniform in aspect_range, as the SimCLR paper describes it (Appendix
+  A; docs/recipes.md, "SimCLR augmentation"). Of `attempts` candidates the
+  first that fits is used; if none fits, the whole image. Attempts and
+  fallback are those of the reference code's crop (tf2/data_util.py
+  crop_and_resize: tf.image.sample_distorted_bounding_box with
+  max_attempts=100, which returns the whole image when all fail); only an
+  elongated image needs many, as a square one fits within a few. The
+  reference op's own size distribution differs a little (docs/recipes.md,
+  "Departures from the reference code"). Vectorised over the n boxes, so
+  a batch of views costs a handful of ops.
   """
   s = tf.random.experimental.stateless_split(seed, 4)
   height = tf.cast(height, tf.int32)
@@ -61,7 +67,7 @@ def sample_crops(seed, n, height, width, area_range=(0.08, 1.0),
 
 
 def sample_crop(seed, height, width, area_range=(0.08, 1.0),
-                aspect_range=(3 / 4, 4 / 3), attempts=10):
+                aspect_range=(3 / 4, 4 / 3), attempts=100):
   """One random-resized-crop box (offset_y, offset_x, h, w), int32; see
   sample_crops."""
   return sample_crops(seed, 1, height, width, area_range, aspect_range,
