@@ -81,7 +81,7 @@ def test_per_view_blur_also_pads_with_zeros():
 def test_crop_attempts_and_fallback_follow_the_reference():
   # sample_distorted_bounding_box(max_attempts=100) in the reference: on a
   # 20 x 100 image only ~13% of candidates fit, so 10 attempts fell back to
-  # the whole image for ~25% of the crops; 100 attempts almost never do.
+  # the whole image for ~21% of the crops; 100 attempts almost never do.
   boxes = augment.sample_crops(tf.constant([4, 2], tf.int64), 2000, 20, 100).numpy()
   whole = np.all(boxes == [0, 0, 20, 100], axis=1)
   assert whole.mean() < 0.005, whole.mean()
@@ -191,6 +191,12 @@ def test_eval_view_centre_crop():
   crop = image[4:60, 20:76]  # 0.875 * 64 = 56, centred
   want = tf.image.resize(crop, [56, 56]) / 255.
   np.testing.assert_allclose(got, want, atol=TOL)
+  # An odd margin: the reference's center_crop offsets by (margin + 1) // 2.
+  # 0.875 * 60 = 52.5 rounds half to even, 52; margins 8 and 29 -> 4 and 15.
+  odd = tf.constant(np.random.default_rng(1).integers(0, 256, (60, 81, 3), np.uint8))
+  want = tf.image.resize(odd[4:56, 15:67], [52, 52]) / 255.
+  np.testing.assert_allclose(augment.eval_view({"image": odd}, 52), want, atol=1e-6)
+  np.testing.assert_allclose(augment.eval_view_batch(odd[None], 52)[0], want, atol=1e-6)
   small = augment.eval_view({"image": image[:32, :32]}, 32)  # no crop at 32 px
   np.testing.assert_allclose(small, tf.cast(image[:32, :32], tf.float32) / 255., atol=TOL)
 

@@ -305,18 +305,25 @@ def _distort_each(x, flip, params, jitter, gray, blur, sigma, version,
 
 
 def _centre_box(h, w, image_size, crop_proportion):
-  """[top, left, side, side] of eval_view's centre crop of an h x w image."""
+  """[top, left, side, side] of eval_view's centre crop of an h x w image.
+
+  As the reference's center_crop for a square output (tf2/data_util.py): the
+  side is round-half-even(crop_proportion * short side), and an odd margin
+  puts its extra pixel before the crop ((margin + 1) // 2), not after.
+  """
   if image_size <= 32:
     crop_proportion = 1.0
   side = tf.cast(tf.round(crop_proportion * tf.cast(tf.minimum(h, w),
                                                      tf.float32)), tf.int32)
   side = tf.maximum(side, 1)
-  return tf.stack([(h - side) // 2, (w - side) // 2, side, side])
+  return tf.stack([(h - side + 1) // 2, (w - side + 1) // 2, side, side])
 
 
 def eval_view(record, image_size, crop_proportion=0.875):
   """Eval: square centre crop of 0.875 of the short side (none when
-  image_size <= 32, as SimCLR), bilinear resize -> float32 [S, S, 3]."""
+  image_size <= 32), as SimCLR's center_crop and get_preprocess_fn
+  (tf2/data_util.py, tf2/data.py); bilinear resize (the reference's is
+  bicubic) -> float32 [S, S, 3]."""
   window, boxes = _window_and_boxes(
       record, lambda h, w: _centre_box(h, w, image_size, crop_proportion)[None])
   b = boxes[0]
