@@ -127,6 +127,19 @@ def test_config_round_trip():
   assert n_params(clone) == n_params(model)
 
 
+def test_kernel_init_is_the_simclr_references():
+  # VarianceScaling() defaults (tf2/resnet.py): truncated normal, variance
+  # 1 / fan_in, cut at two standard deviations of the untruncated normal.
+  keras.utils.set_random_seed(1)
+  model = resnet.resnet(18, cifar_stem=True)
+  kernel = np.asarray(model.blocks[1].units[1].convs[0].conv.kernel)  # 3x3x128x128
+  fan_in = 3 * 3 * 128
+  std = np.sqrt(1 / fan_in)
+  assert abs(kernel.std() - std) < 0.02 * std  # He fan-out would be 1.41 x std
+  assert np.abs(kernel).max() <= 2 * std / 0.87962566 + 1e-6
+  assert abs(kernel.mean()) < 0.02 * std
+
+
 def test_kernels_of_the_same_shape_start_different_and_reproducibly():
   import keras  # pylint: disable=g-import-not-at-top
   def block1_kernels():

@@ -31,12 +31,17 @@ BN_EPSILON = 1e-5
 
 
 def _kernel_init():
-  """He init on fan-out (He et al. 2015; torchvision and most ResNet ports).
+  """The SimCLR reference's convolution initializer: truncated normal with
+  variance 1 / fan_in (tf.keras.initializers.VarianceScaling() with its
+  defaults in tf2/resnet.py, tf.variance_scaling_initializer() in v1's
+  resnet.py). torchvision and SupCon's PyTorch ResNet use He init on fan-out
+  (variance 2 / fan_out) instead; BN after every convolution makes the
+  forward pass indifferent to the scale, but not the first steps of SGD.
 
   A new initializer per convolution: one shared unseeded instance gets one
   seed at creation, so every kernel of the same shape would start identical.
   """
-  return keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal")
+  return keras.initializers.VarianceScaling(1.0, "fan_in", "truncated_normal")
 
 
 def _with_channels(shape, channels):
