@@ -15,9 +15,23 @@ def n_params(model):
 
 def test_parameter_counts_match_published():
   # ResNet-50: 25.6M in He et al. (2016); torchvision's resnet50 (the same
-  # v1.5 architecture) reports exactly 25,557,032, resnet18 11,689,512.
+  # v1.5 architecture) reports exactly 25,557,032. torchvision's resnet18 has
+  # 11,689,512; the SimCLR reference adds a projection shortcut to block1's
+  # first unit (1x1 conv 64x64 + BN gamma/beta = 4,224 parameters).
   assert n_params(resnet.resnet(50, num_classes=1000)) == 25_557_032
-  assert n_params(resnet.resnet(18, num_classes=1000)) == 11_689_512
+  assert n_params(resnet.resnet(18, num_classes=1000)) == 11_689_512 + 4_224
+
+
+@pytest.mark.parametrize("depth", [18, 34, 50])
+def test_every_blocks_first_unit_has_a_projection_shortcut(depth):
+  # tf2/resnet.py BlockGroup: use_projection=True for the first unit, even
+  # where input and output shapes match (block1 of ResNet-18/34).
+  model = resnet.resnet(depth)
+  for block in model.blocks:
+    assert block.units[0].shortcut is not None
+    assert all(u.shortcut is None for u in block.units[1:])
+  assert "resnet/block1/unit01/projection/conv2d/kernel" in [
+      v.path for v in model.variables]
 
 
 def test_last_bn_gamma_of_every_unit_is_zero_and_bn_settings():
@@ -30,7 +44,7 @@ def test_last_bn_gamma_of_every_unit_is_zero_and_bn_settings():
     assert all((g == 1).all() for g in gammas[:-1])
   bns = [model.stem.bn] + [c.bn for u in units for c in u.convs] + [
       u.shortcut.bn for u in units if u.shortcut is not None]
-  assert len(bns) == 1 + 16 + 3
+  assert len(bns) == 1 + 16 + 4  # stem, two per unit, one per block's shortcut
   assert all(b.momentum == 0.9 and b.epsilon == 1e-5 and not b.synchronized
              for b in bns)
   # Zero-init residual branches: at init every unit is relu(x + shortcut(x)).
@@ -146,7 +160,8 @@ def test_kernels_of_the_same_shape_start_different_and_reproducibly():
     keras.utils.set_random_seed(3)
     model = resnet.resnet(18, cifar_stem=True)
     return [np.asarray(v) for v in model.variables
-            if v.path.startswith("resnet/block1/") and v.path.endswith("kernel")]
+            if v.path.startswith("resnet/block1/") and v.path.endswith("kernel")
+            and tuple(v.shape[:2]) == (3, 3)]
   first, again = block1_kernels(), block1_kernels()
   assert len(first) == 4  # two units x two 3x3 64->64 convolutions
   for i in range(1, 4):

@@ -1,9 +1,11 @@
 """ResNet v1.5 with BatchNorm: the SimCLR v1/v2 and SupCon encoders.
 
 v1.5 puts the stride of a bottleneck on its 3x3 convolution (not the first
-1x1), as the SimCLR reference and torchvision do. RECIPES.md, "SimCLR models":
-BN momentum 0.9, eps 1e-5, the last BN gamma of every block zero-initialised
-(each residual block starts as the identity; Goyal et al. 2017), synchronised
+1x1), as the SimCLR reference and torchvision do. As the SimCLR reference
+(tf2/resnet.py; docs/recipes.md, "SimCLR models"): BN momentum 0.9, eps
+1e-5, the last BN gamma of every residual branch zero-initialised (each unit
+starts as the identity; Goyal et al. 2017), a projection shortcut on the
+first unit of every block, truncated-normal fan-in kernel init, synchronised
 BN across replicas for pretraining, and a 3x3 stride-1 stem without max-pool
 for images of 32px or less.
 
@@ -18,7 +20,7 @@ from keras import ops
 from tf_ssl.models import heads
 from tf_ssl.models.layers import BatchNorm, symmetric_pad
 
-# depth -> (block type, units per block); RECIPES.md, "SimCLR models".
+# depth -> (block type, units per block); docs/recipes.md, "SimCLR models".
 BLOCK_UNITS = {
     18: ("basic", (2, 2, 2, 2)),
     34: ("basic", (3, 4, 6, 3)),
@@ -174,7 +176,12 @@ class ResNet(keras.Model):
       block = []
       for u in range(n):
         strides = 2 if (u == 0 and b > 0) else 1
-        project = u == 0 and (strides > 1 or in_channels != out_channels)
+        # Every block's first unit has a projection shortcut, as in the
+        # SimCLR reference (BlockGroup's use_projection=True in tf2/resnet.py,
+        # block_group in resnet.py), even block1 of ResNet-18/34 where
+        # shapes match (64 -> 64, stride 1) and torchvision and SupCon's
+        # PyTorch ResNet keep the identity: 4,224 more parameters.
+        project = u == 0
         block.append(_Unit(kind, filters, strides, project, bn,
                            name=f"unit{u + 1:02d}"))
         in_channels = out_channels
