@@ -2,20 +2,20 @@
 
 BiT (Kolesnikov et al., 2020) replaces BatchNorm with Group Normalisation plus
 Weight Standardisation, so that transfer does not depend on batch statistics
-(RECIPES.md, "BiT ResNet-v2"). Both layers keep their statistics in float32
-under a mixed_bfloat16 policy: a bfloat16 mean/variance over thousands of
-numbers loses too many mantissa bits to be trusted.
+(docs/recipes.md, "BiT ResNet-v2"). Both layers keep their statistics in
+float32 under a mixed_bfloat16 policy: a bfloat16 mean/variance over
+thousands of numbers loses too many mantissa bits to be trusted.
 """
 
 import keras
 from keras import ops
 import tensorflow as tf
 
-# RECIPES.md: GN uses 32 groups and eps 1e-5 (Keras' own default is 1e-3, which
-# would silently change released BiT weights' outputs).
+# docs/recipes.md: GN uses 32 groups and eps 1e-5 (Keras' own default is
+# 1e-3, which would silently change released BiT weights' outputs).
 GN_GROUPS = 32
 GN_EPSILON = 1e-5
-# RECIPES.md: the released BiT code standardises with var + 1e-10.
+# docs/recipes.md: the released BiT code standardises with var + 1e-10.
 WS_EPSILON = 1e-10
 
 
