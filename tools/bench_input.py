@@ -1,4 +1,5 @@
-"""Input throughput: tf_ssl's SimCLR pipeline against a reference-style one.
+"""Input throughput: tf_ssl's SimCLR pipeline against a reference-style one
+and against Keras 3's own preprocessing layers.
 
     .venv/bin/python tools/bench_input.py [--seconds 20] [--batch 64] [--rounds 2]
 
@@ -7,10 +8,20 @@ image per map call, full decode, sample_distorted_bounding_box crop, bicubic
 resize, flip, the four jitter ops in a shuffled order through tf.cond (p=0.8),
 grayscale (p=0.2) and, at 224 px, a per-image Gaussian blur (p=0.5). Both run
 on the same in-memory data: 375x500 photo-like JPEGs at 224 px, and 32x32
-uint8 arrays (no blur, strength 0.5). One image = two views. Each pipeline is
-measured for --seconds in total, alternating with the other (fresh iterator
-each round), so load from other users of the machine hits both alike. The
-last line is `speedup_224=<x> speedup_32=<y>`.
+uint8 arrays (no blur, strength 0.5). One image = two views.
+
+The Keras row is the same recipe from keras.layers as Keras' own SimCLR
+example builds it, on whole batches in a tf.data map: Resizing (224 px),
+RandomFlip, RandomTranslation + RandomZoom (zoom in to 28% of the side: the
+0.08 area of the random resized crop), RandomColorJitter, RandomGrayscale
+(p=0.2) and, at 224 px, RandomGaussianBlur (p=0.5). Keras has no random
+apply, so its jitter runs on every view (the recipe: p=0.8).
+
+Each pipeline is measured for --seconds in total, taking turns with the
+others (fresh iterator each round), so load from other users of the machine
+hits all alike. The last line is `speedup_224=<x> speedup_32=<y>
+keras_layers_ratio_32=<z> keras_layers_ratio_224=<w>`: tf_ssl's images/s
+over the reference's, then over the Keras layers'.
 """
 
 import argparse
@@ -95,6 +106,38 @@ def reference_dataset(ds, batch, size, s, blur, decode):
   return ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
+def keras_dataset(ds, batch, size, s, blur, decode):
+  """SimCLR views from Keras 3 preprocessing layers (see the module doc)."""
+  import keras  # pylint: disable=g-import-not-at-top
+  layers = [keras.layers.Resizing(size, size)] if decode else []
+  layers += [
+      keras.layers.RandomFlip("horizontal"),
+      keras.layers.RandomTranslation(0.36, 0.36, fill_mode="reflect"),
+      keras.layers.RandomZoom((-0.72, 0.), (-0.72, 0.), fill_mode="reflect"),
+      keras.layers.RandomColorJitter(
+          value_range=(0, 1), brightness_factor=0.8 * s, contrast_factor=0.8 * s,
+          saturation_factor=(0.5 - 0.4 * s, 0.5 + 0.4 * s), hue_factor=0.2 * s),
+      keras.layers.RandomGrayscale(0.2)]
+  if blur:
+    layers.append(keras.layers.RandomGaussianBlur(
+        0.5, kernel_size=2 * (size // 20) + 1, sigma=(0.1, 2.0), value_range=(0, 1)))
+
+  def view(x):
+    for layer in layers:
+      x = layer(x)
+    return x
+
+  def fn(b):
+    x = tf.cast(b, tf.float32) / 255.
+    return tf.stack([view(x) for _ in range(2)], axis=1)
+  ds = ds.shuffle(1000).repeat()
+  if decode:
+    ds = ds.map(lambda e: tf.io.decode_jpeg(e, channels=3),
+                num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(batch, drop_remainder=True)
+  return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
 def images_per_second(ds, batch, seconds):
   """Images/s of one fresh iterator over `ds` for `seconds` (after warm-up)."""
   it = iter(ds)
@@ -111,17 +154,17 @@ def images_per_second(ds, batch, seconds):
   return n, elapsed
 
 
-def compare(ref, ours, batch, seconds, rounds):
-  """Alternates reference and ours (ABAB...) in `rounds` rounds of
+def compare(pipelines, batch, seconds, rounds):
+  """Takes turns over `pipelines` (ABCABC...) in `rounds` rounds of
   seconds / rounds each, so a change in the load of the shared machine hits
-  both alike; returns their overall images/s."""
-  totals = {"ref": [0, 0.], "ours": [0, 0.]}
+  all alike; returns their overall images/s, in order."""
+  totals = [[0, 0.] for _ in pipelines]
   for _ in range(rounds):
-    for name, ds in (("ref", ref), ("ours", ours)):
+    for total, ds in zip(totals, pipelines):
       n, t = images_per_second(ds, batch, seconds / rounds)
-      totals[name][0] += n
-      totals[name][1] += t
-  return tuple(n / t for n, t in (totals["ref"], totals["ours"]))
+      total[0] += n
+      total[1] += t
+  return [n / t for n, t in totals]
 
 
 def main():
@@ -136,7 +179,7 @@ def main():
   jpegs = [tf.io.encode_jpeg(photo_like(rng), quality=90).numpy()
            for _ in range(args.n_jpegs)]
   arrays = rng.integers(0, 256, (5000, 32, 32, 3), np.uint8)
-  results = {}
+  speedup, keras_ratio = {}, {}
   for size, s, data in ((224, 1.0, "jpeg"), (32, 0.5, "arrays")):
     blur = size >= 96
     if data == "jpeg":
@@ -144,13 +187,17 @@ def main():
     else:
       raw, source = tf.data.Dataset.from_tensor_slices(arrays), from_arrays(arrays)
     ref = reference_dataset(raw, args.batch, size, s, blur, data == "jpeg")
+    layers = keras_dataset(raw, args.batch, size, s, blur, data == "jpeg")
     ours = pipeline.build_pretrain(source, args.batch, augment.SimCLRAugment(
         size, s, version=2, blur=blur), shuffle_buffer=1000, cache=False)
-    r, o = compare(ref, ours, args.batch, args.seconds, args.rounds)
-    results[size] = o / r
-    print(f"{size}px ({data}): reference {r:8.1f} img/s   tf_ssl {o:8.1f} img/s"
-          f"   ratio {o / r:.2f}", flush=True)
-  print(f"speedup_224={results[224]:.2f} speedup_32={results[32]:.2f}")
+    r, k, o = compare([ref, layers, ours], args.batch, args.seconds, args.rounds)
+    speedup[size], keras_ratio[size] = o / r, o / k
+    print(f"{size}px ({data}): reference {r:8.1f} img/s   keras layers {k:8.1f} "
+          f"img/s   tf_ssl {o:8.1f} img/s   ratio {o / r:.2f} (reference) "
+          f"{o / k:.2f} (keras layers)", flush=True)
+  print(f"speedup_224={speedup[224]:.2f} speedup_32={speedup[32]:.2f} "
+        f"keras_layers_ratio_32={keras_ratio[32]:.2f} "
+        f"keras_layers_ratio_224={keras_ratio[224]:.2f}")
 
 
 if __name__ == "__main__":
