@@ -61,10 +61,11 @@ def nt_xent(z1, z2, temperature):
 
   Returns:
     (loss, metrics): loss is a float32 scalar, the sum of the two directions'
-    means over this replica's rows (not divided by the replica count). metrics holds float32 scalars
-    without gradient: "contrast_acc", the top-1 accuracy of the positive among
-    the cross-view logits (z1 vs all z2 and z2 vs all z1, averaged), and
-    "contrast_entropy", the mean entropy of softmax(z1 . z2_all / tau).
+    means over this replica's rows (not divided by the replica count).
+    metrics holds float32 scalars without gradient: "contrast_acc", the top-1
+    accuracy of the positive among the cross-view logits (z1 vs all z2 and z2
+    vs all z1, averaged), and "contrast_entropy", the mean entropy of
+    softmax(z1 . z2_all / tau).
   """
   _check_temperature(temperature)
   z1, z2 = tf.convert_to_tensor(z1), tf.convert_to_tensor(z2)
