@@ -299,3 +299,16 @@ def test_finetune_takes_its_own_optimisation_defaults(parse, tmp_path):
   parse(str(path))
   config = tf_ssl_flags.finetune_config()
   assert (config.optimizer, config.learning_rate) == ("lars", 0.5)
+
+
+def test_projection_hidden_width_defaults_to_the_feature_width(parse, tmp_path):
+  """SimCLR's hidden layers are as wide as the features (2048 for a
+  ResNet-50, 512 for a ResNet-18); --proj_hidden_dim=0, the default, says so."""
+  path = tmp_path / "run.cfg"
+  path.write_text("--backbone=resnet18x0.25\n--train_steps=10\n--image_size=16\n")
+  parse(str(path))
+  config = tf_ssl_flags.pretrain_config()
+  keras.backend.clear_session()
+  model = train.build_model(config, 0)
+  assert model.projection_head.dense_layers[0].units == model.backbone.feature_dim == 128
+  keras.backend.clear_session()

@@ -191,7 +191,7 @@ def build_model(config, num_classes):
                             **kwargs)
   head = None
   if config.finetune_proj_layers:
-    head = ProjectionHead(hidden_dim=config.proj_hidden_dim, output_dim=config.proj_dim,
+    head = ProjectionHead(hidden_dim=config.proj_hidden_dim or None, output_dim=config.proj_dim,
                           num_layers=config.proj_layers, kind=config.proj_head,
                           sync_bn=config.sync_bn)
     head.build((None, backbone.feature_dim))

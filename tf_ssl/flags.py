@@ -40,7 +40,7 @@ flags.DEFINE_string("backbone", "resnet18", "resnet18|34|50|101|152|200, optiona
 flags.DEFINE_bool("small_image_stem", None, "3x3 stride-1 stem without max-pool; default: on when --image_size <= 32.")
 flags.DEFINE_bool("sync_bn", True, "Synchronise BatchNorm statistics across replicas.")
 flags.DEFINE_integer("proj_layers", 2, "Projection head layers (SimCLR v1: 2, v2: 3).")
-flags.DEFINE_integer("proj_hidden_dim", 2048, "Hidden width of the projection head.")
+flags.DEFINE_integer("proj_hidden_dim", 0, "Hidden width of the projection head; 0: the backbone's feature width, as SimCLR (2048 for a ResNet-50).")
 flags.DEFINE_integer("proj_dim", 128, "Output width of the projection head.")
 
 # Method and optimisation.
@@ -184,6 +184,7 @@ def pretrain_config():
   _check(0 < FLAGS.crop_min_area <= 1, "crop_min_area", "must be in (0, 1].")
   _check(FLAGS.num_views >= 2, "num_views", "contrastive learning needs >= 2 views.")
   _check(FLAGS.proj_layers >= 1, "proj_layers", "must be >= 1.")
+  _check(FLAGS.proj_hidden_dim >= 0, "proj_hidden_dim", "must be >= 0 (0: the feature width).")
   _check(FLAGS.eval_every_steps >= 0, "eval_every_steps", "must be >= 0 (0: only at the end).")
   _check(FLAGS.eval_examples >= 1, "eval_examples", "must be >= 1.")
   _check(FLAGS.final_eval_examples >= 0, "final_eval_examples", "must be >= 0 (0: whole splits).")
@@ -314,7 +315,7 @@ class FinetuneConfig:
   sync_bn: bool = False
   finetune_proj_layers: int = 0
   proj_layers: int = 3                 # The pretrained projection head's shape.
-  proj_hidden_dim: int = 2048
+  proj_hidden_dim: int = 0             # 0: the backbone's feature width.
   proj_dim: int = 128
   proj_head: str = "simclr"            # simclr | mlp, as pretraining's --proj_head.
   finetune_after_block: int = -1

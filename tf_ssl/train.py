@@ -38,7 +38,7 @@ def build_model(config, num_classes):
   backbone_kwargs = {"sync_bn": m.sync_bn} if m.backbone.startswith("resnet") else {}
   backbone = build_backbone(m.backbone, small_image_stem=m.small_image_stem,
                             **backbone_kwargs)
-  head = ProjectionHead(hidden_dim=m.proj_hidden_dim, output_dim=m.proj_dim,
+  head = ProjectionHead(hidden_dim=m.proj_hidden_dim or None, output_dim=m.proj_dim,
                         num_layers=m.proj_layers, kind=m.proj_head,
                         sync_bn=m.sync_bn)
   model = ContrastiveModel(backbone, head, num_classes=num_classes or 0,
