@@ -45,3 +45,16 @@ def test_errors_while_preparing_are_the_users(capsys):
   with pytest.raises(ValueError, match="library callers"):  # unchanged outside the CLI
     with runner.preparing():
       raise ValueError("library callers still get the exception")
+
+
+def test_bfloat16_on_a_cpu_without_bfloat16_instructions_warns(tmp_path, caplog):
+  avx2_only = tmp_path / "avx2"
+  avx2_only.write_text("flags\t\t: fpu sse2 avx avx2 fma\n")
+  native = tmp_path / "bf16"
+  native.write_text("flags\t\t: fpu sse2 avx avx2 fma avx512f avx512_bf16\n")
+  assert runner.cpu_has_native_bfloat16(str(avx2_only)) is False
+  assert runner.cpu_has_native_bfloat16(str(native)) is True
+  assert runner.cpu_has_native_bfloat16(str(tmp_path / "missing")) is None
+  assert runner._warn_if_bfloat16_is_emulated(str(avx2_only))  # pylint: disable=protected-access
+  assert "bfloat16 is emulated" in caplog.text
+  assert not runner._warn_if_bfloat16_is_emulated(str(native))  # pylint: disable=protected-access

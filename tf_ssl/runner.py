@@ -119,6 +119,33 @@ class Run:
     return os.path.join(self.own_dir, *names)
 
 
+def cpu_has_native_bfloat16(cpuinfo="/proc/cpuinfo"):
+  """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX), or
+  None when it cannot tell (no /proc/cpuinfo)."""
+  try:
+    with open(cpuinfo) as f:
+      flags = f.read()
+  except OSError:
+    return None
+  return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def _warn_if_bfloat16_is_emulated(cpuinfo="/proc/cpuinfo"):
+  """Mixed bfloat16 on a CPU without bfloat16 instructions is emulated: a
+  ResNet-18 train step measured 7x slower than float32 on an AVX2-only EPYC
+  (6.3 s against 0.88 s), where an AVX-512 BF16 one runs it 1.8x faster."""
+  if tf.config.list_logical_devices("TPU") or tf.config.list_logical_devices("GPU"):
+    return False  # TPU and GPU replicas compute bfloat16 natively.
+  if cpu_has_native_bfloat16(cpuinfo) is False:
+    logging.warning(
+        "--mixed_precision=true on a CPU without bfloat16 instructions (no "
+        "avx512_bf16 or amx_bf16 in /proc/cpuinfo): bfloat16 is emulated and "
+        "a train step runs several times slower than float32; pass "
+        "--mixed_precision=false on this machine.")
+    return True
+  return False
+
+
 def start(workdir, strategy_name="default", tpu=None, seed=0,
           mixed_precision=False, strategy=None, flags_text=None):
   """Seeds, sets the precision policy, builds the strategy and the directories.
@@ -136,6 +163,8 @@ def start(workdir, strategy_name="default", tpu=None, seed=0,
       "mixed_bfloat16" if mixed_precision else "float32")
   if strategy is None:
     strategy = distribute.get_strategy(strategy_name, tpu)
+  if mixed_precision:
+    _warn_if_bfloat16_is_emulated()
   is_chief, task_id = distribute.worker_info(strategy)
   own_dir = writer = history_path = None
   if workdir:
