@@ -182,3 +182,27 @@ def test_raw_pixel_baseline_uses_one_channel_of_grayscale_sources():
   flat = train.raw_pixels(True)(images)["features"].numpy()
   np.testing.assert_array_equal(flat, gray.reshape(6, 64) / np.float32(255))
   assert train.raw_pixels(False)(images)["features"].shape == (6, 192)
+
+
+def test_knn_monitor_runs_the_backbone_on_the_strategys_replicas(strategy_2):
+  """The in-training k-NN embeds on the replicas (on a TPU: its cores), as the
+  final evaluation does, not on the host outside the strategy."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tf_ssl import train  # pylint: disable=g-import-not-at-top
+  from tf_ssl.data import sources  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  source = sources.from_arrays(rng.integers(0, 255, (24, 8, 8), np.uint8),
+                               rng.integers(0, 3, 24))
+  seen = []
+
+  def embed(images, training=False):
+    del training
+    seen.append(tf.distribute.get_replica_context().num_replicas_in_sync)
+    return {"features": tf.reshape(images, [tf.shape(images)[0], -1])}
+  config = type("Config", (), dict(
+      eval_examples=24, knn_k=3, knn_temperature=0.1,
+      data=type("Data", (), dict(image_size=8))))
+  accuracy = train.knn_monitor(strategy_2, embed, source, source, config,
+                               batch_size=8, exclude_self=True)()
+  assert 0.0 <= accuracy <= 1.0
+  assert seen and set(seen) == {2}, seen

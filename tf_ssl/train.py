@@ -84,6 +84,10 @@ def evaluate_features(strategy, embed_fn, train_source, test_source, config,
   each query's own example is left out of its k-NN bank.
   """
   size = config.data.image_size
+  # Said before it starts: the raw-pixel baseline's logistic regression
+  # alone can take a minute, which used to pass with nothing in the log.
+  logging.info("%s: evaluating on %d + %d examples (features, k-NN, linear)",
+               name, train_source.num_examples, test_source.num_examples)
   t0 = time.time()
   train, test = (evaluate.extract_features_distributed(
       strategy, embed_fn, pipeline.eval_dataset(strategy, source, batch_size, size))
