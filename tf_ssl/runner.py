@@ -285,18 +285,17 @@ def fit(run, model, data, *, total_steps, steps_per_pass, global_batch_size,
   return preempted, last_logs
 
 
-def write_results(run, results, step, curves=plots.CURVES, summary_keys=None):
+def write_results(run, results, step, curves=plots.CURVES):
   """results.json, eval/<key> scalars and the training-curves PNG.
 
   Written into this process's own directory (the chief's is --workdir); the
-  eval scalars are those whose key ends in "top1" or "top5", or summary_keys.
+  eval scalars are the results whose key ends in "top1" or "top5".
   """
   if not run.own_dir:
     return
   with run.writer.as_default(step=step):
     for key, value in results.items():
-      if (summary_keys is not None and key in summary_keys) or (
-          summary_keys is None and key.endswith(("top1", "top5"))):
+      if key.endswith(("top1", "top5")):
         tf.summary.scalar("eval/" + key, value)
   run.writer.flush()
   outputs.write_text(run.path("results.json"), json.dumps(results, indent=2))
