@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_ssl.data import augment, files, make_source, pipeline
+from tf_ssl.data import augment, make_source, pipeline
 
 
 def _folder(root, n=8, uniform=False):

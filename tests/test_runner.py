@@ -1,8 +1,6 @@
 """The shared run scaffold (tf_ssl/runner.py): warmup clamping, whole
 executions, and one-line user errors."""
 
-import subprocess
-import sys
 
 import pytest
 
