@@ -236,3 +236,143 @@ def supcon(features, labels, temperature, base_temperature=0.07,
   acc = tf.math.divide_no_nan(tf.reduce_sum(hit * has_pos),
                               tf.reduce_sum(has_pos))
   return loss, {"contrast_acc": acc, "contrast_entropy": entropy}
+
+
+def _check_pair(name, a, b, a_name, b_name):
+  if a.shape.rank != 2 or a.shape != b.shape:
+    raise ValueError(f"{name} needs {a_name}, {b_name} of the same shape "
+                     f"[B, D]; got {a.shape} and {b.shape}.")
+
+
+def _contrast_metrics(logits, positive):
+  """(top-1 accuracy of `positive`, mean softmax entropy) of [B, C] logits,
+  float32 scalars without gradient."""
+  logits = tf.stop_gradient(logits)
+  hits = tf.argmax(logits, axis=1, output_type=tf.int32)
+  acc = tf.reduce_mean(tf.cast(tf.equal(hits, positive), tf.float32))
+  log_p = tf.nn.log_softmax(logits, axis=1)
+  entropy = -tf.reduce_mean(tf.reduce_sum(tf.exp(log_p) * log_p, axis=1))
+  return {"contrast_acc": acc, "contrast_entropy": entropy}
+
+
+def byol(p, z):
+  """BYOL's regression loss, one direction (docs/recipes.md, "BYOL").
+
+  For each local row i, 2 - 2 cos(p_i, z_i), with both vectors l2-normalised
+  as x * rsqrt(max(|x|^2, 1e-12)) (a zero vector has cosine 0 with anything).
+  z is the target network's projection and gets no gradient.
+
+  Scale: the mean over this replica's B rows of one direction. The method
+  optimises the SUM of the two directions, byol(p1, z2) + byol(p2, z1), as
+  the BYOL reference does (not their mean). No gathering is needed: with
+  equal per-replica batches the train step's mean over replicas of the
+  per-replica means is the global mean.
+
+  Args:
+    p: [B, D] online predictions of one view on this replica (any float
+      dtype; cast to float32 and l2-normalised here).
+    z: [B, D] target projections of the other view, row-aligned with p
+      (wrapped in tf.stop_gradient here).
+
+  Returns:
+    (loss, metrics): loss is a float32 scalar in [0, 4], not divided by the
+    replica count. metrics holds "cosine", the mean cos(p_i, z_i) over this
+    replica's rows, a float32 scalar without gradient.
+  """
+  p, z = tf.convert_to_tensor(p), tf.convert_to_tensor(z)
+  _check_pair("byol", p, z, "p", "z")
+  p, z = _normalized(p), tf.stop_gradient(_normalized(z))
+  cosine = tf.reduce_sum(p * z, axis=1)
+  loss = tf.reduce_mean(2.0 - 2.0 * cosine)
+  return loss, {"cosine": tf.stop_gradient(tf.reduce_mean(cosine))}
+
+
+def moco(q, k, queue, temperature):
+  """MoCo v2's InfoNCE loss against a queue of negatives (docs/recipes.md,
+  "MoCo v2").
+
+  For each local row i the logits are [q_i . k_i, q_i . queue_1, ...,
+  q_i . queue_K] / temperature with q and k l2-normalised; the positive is
+  column 0. The keys and the queue get no gradient. The queue is used as
+  given: it holds keys that were normalised before they were enqueued. No
+  gathering is needed: every replica scores its own queries against its own
+  keys and the whole (shared) queue.
+
+  Scale: the mean cross-entropy over this replica's B rows (the reference's
+  nn.CrossEntropyLoss), not divided by the replica count. A symmetrised
+  variant would add moco(q1, k2, ...) + moco(q2, k1, ...).
+
+  Args:
+    q: [B, D] query projections on this replica (any float dtype; cast to
+      float32 and l2-normalised here).
+    k: [B, D] key (momentum encoder) projections, row-aligned with q
+      (l2-normalised and wrapped in tf.stop_gradient here).
+    queue: [K, D] negatives, already l2-normalised (cast to float32 and
+      wrapped in tf.stop_gradient here, not normalised again).
+    temperature: softmax temperature tau > 0 (0.2 in MoCo v2).
+
+  Returns:
+    (loss, metrics): loss is a float32 scalar. metrics holds float32 scalars
+    without gradient: "contrast_acc", the fraction of rows whose positive is
+    the largest of the K + 1 logits, and "contrast_entropy", the mean entropy
+    of the softmax over them.
+  """
+  _check_temperature(temperature)
+  q, k, queue = (tf.convert_to_tensor(x) for x in (q, k, queue))
+  _check_pair("moco", q, k, "q", "k")
+  if queue.shape.rank != 2 or queue.shape[1] != q.shape[1]:
+    raise ValueError(f"moco needs a queue [K, D] with the D of q "
+                     f"({q.shape[1]}); got {queue.shape}.")
+  q, k = _normalized(q), tf.stop_gradient(_normalized(k))
+  queue = tf.stop_gradient(tf.cast(queue, tf.float32))
+  # Dividing the [B, D] queries rather than the [B, K + 1] logits by tau:
+  # K is the large dimension (65536 in MoCo v2).
+  q = q / temperature
+  logits = tf.concat([tf.reduce_sum(q * k, axis=1, keepdims=True),
+                      tf.matmul(q, queue, transpose_b=True)], axis=1)
+  positive = tf.zeros([tf.shape(q)[0]], tf.int32)
+  loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+      labels=positive, logits=logits))
+  return loss, _contrast_metrics(logits, positive)
+
+
+def moco_v3(q, k, temperature):
+  """MoCo v3's contrastive loss against the keys of the global batch
+  (docs/recipes.md, "MoCo v3").
+
+  The keys of every replica are gathered (without gradient: the gather sees
+  tf.stop_gradient(k)). For the local row i with global index
+  g = i + replica_id * B, the logits are q_i . k_n / temperature over all N
+  gathered keys, q and k l2-normalised, and the positive is k_g.
+
+  Scale: the mean cross-entropy over this replica's B rows times
+  2 * temperature, as the MoCo v3 reference multiplies it; not divided by
+  the replica count. The method sums the two directions,
+  moco_v3(q1, k2, tau) + moco_v3(q2, k1, tau), as the reference does.
+
+  Args:
+    q: [B, D] query projections (predictor outputs) on this replica (any
+      float dtype; cast to float32 and l2-normalised here).
+    k: [B, D] this replica's key (momentum encoder) projections, row-aligned
+      with q (l2-normalised and wrapped in tf.stop_gradient here).
+    temperature: softmax temperature tau > 0 (1.0 for ResNet-50, 0.2 for
+      ViT in MoCo v3).
+
+  Returns:
+    (loss, metrics): loss is a float32 scalar. metrics holds float32 scalars
+    without gradient: "contrast_acc", the fraction of local rows whose
+    positive is the largest of the N logits, and "contrast_entropy", the mean
+    entropy of the softmax over them.
+  """
+  _check_temperature(temperature)
+  q, k = tf.convert_to_tensor(q), tf.convert_to_tensor(k)
+  _check_pair("moco_v3", q, k, "q", "k")
+  q, k = _normalized(q), _normalized(k)
+  k_all = distribute.cross_replica_concat(tf.stop_gradient(k))
+  b = tf.shape(q)[0]
+  logits = tf.matmul(q / temperature, k_all, transpose_b=True)
+  positive = tf.range(b) + distribute.replica_id() * b
+  loss = (2.0 * temperature) * tf.reduce_mean(
+      tf.nn.sparse_softmax_cross_entropy_with_logits(labels=positive,
+                                                     logits=logits))
+  return loss, _contrast_metrics(logits, positive)
