@@ -1,12 +1,14 @@
-"""Choosing a tf.distribute strategy, and the one collective the losses need.
+"""Choosing a tf.distribute strategy, the collective the losses need, and
+the local update of replicated state (targets, queues).
 
 Every strategy is driven the same way (``strategy.run`` inside one
 ``tf.function``), so the code that runs on one CPU is the code that runs on a
 TPU pod; only ``get_strategy`` knows the difference.
 """
 
-import tensorflow as tf
 from absl import logging
+import keras
+import tensorflow as tf
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu", "auto")
 
@@ -133,6 +135,47 @@ def cross_replica_concat(x):
   if ctx is None or ctx.num_replicas_in_sync == 1:
     return x
   return ctx.all_gather(x, axis=0)
+
+
+def update_replicated(fn, variables, *args):
+  """Runs `fn(variable_copy, *args_copy)` on every copy of each variable.
+
+  For state that is not trained but must stay identical on every replica
+  (target networks, queues): when each replica's arguments are equal (an
+  EMA of mirrored online weights, keys gathered from all replicas), each
+  copy applies the same update locally, with no communication; an
+  `assign` in replica context would all-reduce the whole variable instead.
+  Works in replica and cross-replica context and without a strategy, the
+  way Keras' optimizers apply their updates.
+
+  Args:
+    fn: fn(variable, *args) -> an update op; `variable` is one device's
+      tf.Variable, each arg that device's value.
+    variables: Keras or tf variables, updated in order.
+    *args: one sequence per extra argument of fn, aligned with `variables`
+      (e.g. the online variables of an EMA), or a tensor given to every
+      call.
+  """
+  variables = list(variables)
+  per_variable = [a if isinstance(a, (list, tuple)) else [a] * len(variables)
+                  for a in args]
+  if any(len(a) != len(variables) for a in per_variable):
+    raise ValueError("update_replicated: every argument list must have one "
+                     "entry per variable.")
+
+  def merged(strategy, variables, per_variable):
+    for i, variable in enumerate(variables):
+      strategy.extended.update(
+          _tf_value(variable), fn,
+          args=tuple(_tf_value(a[i]) for a in per_variable), group=False)
+
+  tf.__internal__.distribute.interim.maybe_merge_call(
+      merged, tf.distribute.get_strategy(), variables, per_variable)
+
+
+def _tf_value(x):
+  """The tf.Variable under a Keras variable; anything else as it is."""
+  return x.value if isinstance(x, keras.Variable) else x
 
 
 def worker_info(strategy):

@@ -14,7 +14,7 @@ from keras import ops
 
 BN_MOMENTUM = 0.9  # docs/recipes.md, "SimCLR models".
 BN_EPSILON = 1e-5
-KINDS = ("simclr", "mlp")
+KINDS = ("simclr", "mlp", "byol", "moco_v3")
 
 
 @keras.saving.register_keras_serializable(package="tf_ssl")
@@ -37,6 +37,15 @@ class ProjectionHead(keras.layers.Layer):
       +-1/sqrt(fan_in)): SupCon's reference head (SupContrast
       networks/resnet_big.py, head="mlp", Linear-ReLU-Linear at
       num_layers=2).
+    kind="byol": hidden layers Dense with a bias, BN, ReLU; the last layer
+      Dense without a bias and no BN; kernels truncated normal with stddev
+      1/sqrt(fan_in), biases zero (Haiku's Linear): BYOL's projector and
+      predictor (docs/recipes.md, "BYOL").
+    kind="moco_v3": hidden layers Dense without a bias, BN, ReLU; the last
+      layer Dense without a bias followed, when `last_bn`, by a BN with
+      neither scale nor centre; PyTorch nn.Linear's initialisation: MoCo
+      v3's projector (last_bn=True) and predictor (last_bn=False)
+      (docs/recipes.md, "MoCo v3").
   The paper's text (Chen et al. 2020, Sec. 2.1, W2 relu(W1 h)) omits the BN
   that both SimCLR codebases use.
 
@@ -52,7 +61,9 @@ class ProjectionHead(keras.layers.Layer):
       SimCLR (2048 for a ResNet-50).
     output_dim: width of the projection (128 in SimCLR and SupCon).
     num_layers: number of Dense layers (>= 1).
-    kind: "simclr" or "mlp", as above.
+    kind: "simclr", "mlp", "byol" or "moco_v3", as above.
+    last_bn: kind="moco_v3" only: end with an affine-free BN (the projector;
+      the predictor has none).
     sync_bn: synchronise BN statistics across replicas (pretraining with a
       small per-replica batch); kind="simclr" only has BN.
     bn_momentum, bn_epsilon: BatchNormalization settings (0.9 and 1e-5 as in
@@ -74,7 +85,7 @@ class ProjectionHead(keras.layers.Layer):
 
   def __init__(self, hidden_dim=None, output_dim=128, num_layers=2,
                kind="simclr", sync_bn=False, bn_momentum=BN_MOMENTUM,
-               bn_epsilon=BN_EPSILON, **kwargs):
+               bn_epsilon=BN_EPSILON, last_bn=True, **kwargs):
     if "version" in kwargs:
       raise TypeError(
           f"ProjectionHead(version={kwargs['version']!r}) is gone: both SimCLR "
@@ -85,8 +96,9 @@ class ProjectionHead(keras.layers.Layer):
     super().__init__(**kwargs)
     if kind not in KINDS:
       raise ValueError(f"ProjectionHead: kind={kind!r}; pass 'simclr' "
-                       "(Dense-BN layers, SimCLR v1/v2) or 'mlp' (Dense with "
-                       "bias, no BN, SupCon's reference head).")
+                       "(Dense-BN layers, SimCLR v1/v2), 'mlp' (Dense with "
+                       "bias, no BN, SupCon's and MoCo v2's head), 'byol' or "
+                       "'moco_v3'.")
     if num_layers < 1:
       raise ValueError(f"ProjectionHead: num_layers={num_layers}; pass >= 1.")
     self.hidden_dim = hidden_dim
@@ -96,6 +108,7 @@ class ProjectionHead(keras.layers.Layer):
     self.sync_bn = sync_bn
     self.bn_momentum = bn_momentum
     self.bn_epsilon = bn_epsilon
+    self.last_bn = bool(last_bn)
     self.dense_layers = []
     self.bn_layers = []
 
@@ -110,33 +123,45 @@ class ProjectionHead(keras.layers.Layer):
     for i in range(1, self.num_layers + 1):
       last = i == self.num_layers
       units = self.output_dim if last else (self.hidden_dim or width)
-      bn = None
-      if self.kind == "simclr":
-        # A new initializer per layer: a shared unseeded instance would give
-        # layers of the same shape the same starting kernel.
-        dense = keras.layers.Dense(
-            units, use_bias=False,
-            kernel_initializer=keras.initializers.RandomNormal(stddev=0.01),
-            name=f"dense_{i}", dtype=self.dtype_policy)
-        bn = keras.layers.BatchNormalization(
-            momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-            synchronized=self.sync_bn, center=not last,
-            name=f"batch_norm_{i}", dtype=self.dtype_policy)
-        bn.build((None, units))
-      else:
-        # nn.Linear's default: kaiming_uniform(a=sqrt(5)) for the kernel,
-        # i.e. U(+-1/sqrt(fan_in)), and the same bound for the bias.
-        bound = 1.0 / math.sqrt(width)
-        dense = keras.layers.Dense(
-            units, use_bias=True,
-            kernel_initializer=keras.initializers.VarianceScaling(
-                1.0 / 3.0, "fan_in", "uniform"),
-            bias_initializer=keras.initializers.RandomUniform(-bound, bound),
-            name=f"dense_{i}", dtype=self.dtype_policy)
+      dense, bn = self._layer(i, units, width, last)
       dense.build((None, width))
       width = units
       self.dense_layers.append(dense)
       self.bn_layers.append(bn)
+
+  def _layer(self, i, units, fan_in, last):
+    """(Dense, BN or None) of layer i, as `kind` builds it."""
+    def bn_layer(center=True, scale=True):
+      bn = keras.layers.BatchNormalization(
+          momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+          synchronized=self.sync_bn, center=center, scale=scale,
+          name=f"batch_norm_{i}", dtype=self.dtype_policy)
+      bn.build((None, units))
+      return bn
+    # nn.Linear's default: kaiming_uniform(a=sqrt(5)) for the kernel, i.e.
+    # U(+-1/sqrt(fan_in)), and the same bound for the bias.
+    torch_kernel = keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform")
+    bound = 1.0 / math.sqrt(fan_in)
+    torch_bias = keras.initializers.RandomUniform(-bound, bound)
+    dense = lambda use_bias, kernel, bias="zeros": keras.layers.Dense(
+        units, use_bias=use_bias, kernel_initializer=kernel,
+        bias_initializer=bias, name=f"dense_{i}", dtype=self.dtype_policy)
+    if self.kind == "simclr":
+      # A new initializer per layer: a shared unseeded instance would give
+      # layers of the same shape the same starting kernel.
+      return (dense(False, keras.initializers.RandomNormal(stddev=0.01)),
+              bn_layer(center=not last))
+    if self.kind == "mlp":
+      return dense(True, torch_kernel, torch_bias), None
+    if self.kind == "byol":
+      # Haiku's Linear: truncated normal, stddev 1/sqrt(fan_in), zero bias.
+      kernel = keras.initializers.VarianceScaling(1.0, "fan_in", "truncated_normal")
+      return dense(not last, kernel), (None if last else bn_layer())
+    # moco_v3
+    if last:
+      return dense(False, torch_kernel), (
+          bn_layer(center=False, scale=False) if self.last_bn else None)
+    return dense(False, torch_kernel), bn_layer()
 
   def call(self, inputs, training=None):
     out = {"proj_0": inputs}
@@ -156,7 +181,7 @@ class ProjectionHead(keras.layers.Layer):
     config.update(hidden_dim=self.hidden_dim, output_dim=self.output_dim,
                   num_layers=self.num_layers, kind=self.kind,
                   sync_bn=self.sync_bn, bn_momentum=self.bn_momentum,
-                  bn_epsilon=self.bn_epsilon)
+                  bn_epsilon=self.bn_epsilon, last_bn=self.last_bn)
     return config
 
 
