@@ -37,7 +37,7 @@ def _run(args, timeout=600):
     (["--train_steps=-3"], "--train_steps=-3"),
     (["--train_steps=4", "--train_epochs=1"], "exactly one of --train_steps"),
     (["--train_steps=4", "--global_batch_size=0"], "--global_batch_size=0"),
-    (["--train_steps=4", "--method=byol"], "method"),
+    (["--train_steps=4", "--method=simsiam"], "method"),
     (["--train_steps=4", "--dataset=folder:/no/such/folder"], "/no/such/folder"),
     (["--train_steps=4", "--backbone=vgg16"], "vgg16"),
     (["--train_steps=4", "--final_eval_examples=-1"], "--final_eval_examples=-1"),

@@ -170,7 +170,11 @@ class Throughput(keras.callbacks.Callback):
 
   def write(self, step, logs):
     scalars = {k: float(v) for k, v in (logs or {}).items()}
-    scalars["learning_rate"] = float(self.learning_rate_fn(step))
+    schedules = self.learning_rate_fn
+    if not isinstance(schedules, dict):
+      schedules = {"learning_rate": schedules}
+    for name, fn in schedules.items():
+      scalars[name] = float(fn(step))
     if self.writer is not None:
       with self.writer.as_default(step=step):
         for name, value in scalars.items():

@@ -24,8 +24,8 @@ import re
 import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
-# The parts of a ContrastiveModel (tf_ssl/models/contrastive.py), in the
-# order they are filed; variables in none of them go under "other".
+# The parts of a model without `checkpoint_parts()`, in the order they are
+# filed; variables in none of them go under "other".
 PARTS = ("backbone", "projection_head", "probe_head")
 # Backbone variables that restore_backbone leaves alone by default: the
 # classifier of a fine-tuning backbone (build_backbone(num_classes=K) names it
@@ -48,7 +48,8 @@ def variables_by_name(layer):
     ValueError: if two variables share a path (two layers of the same name),
       since the checkpoint could not tell them apart.
   """
-  prefix = layer.path + "/"
+  # A layer never called (a queue the model only reads) has no path yet.
+  prefix = (layer.path or layer.name) + "/"
   named = {}
   for variable in layer.variables:
     name = variable.path
@@ -62,14 +63,43 @@ def variables_by_name(layer):
 
 
 def _parts(model):
-  """{part name: {relative name: variable}} covering every model variable."""
-  layers = {p: getattr(model, p, None) for p in PARTS}
-  layers = {p: layer for p, layer in layers.items() if layer is not None}
+  """{part name: {relative name: variable}} covering every model variable once.
+
+  A model with `checkpoint_parts()` (tf_ssl's SSLModel: the backbone that is
+  the representation, the method's heads, targets and state) names its own
+  parts; otherwise PARTS, or a bare backbone whole.
+
+  Raises:
+    ValueError: when one variable would be filed twice (two parts sharing a
+      layer) or two variables under one name (layers of the same name), so
+      that a checkpoint never silently keeps one value for two variables.
+  """
+  if hasattr(model, "checkpoint_parts"):
+    layers = dict(model.checkpoint_parts())
+  else:
+    layers = {p: getattr(model, p, None) for p in PARTS}
+    layers = {p: layer for p, layer in layers.items() if layer is not None}
   if not layers:  # A bare backbone.
     layers = {"backbone": model}
   parts = {p: variables_by_name(layer) for p, layer in layers.items()}
-  filed = {id(v) for named in parts.values() for v in named.values()}
-  other = {v.path: v for v in model.variables if id(v) not in filed}
+  owner = {}
+  for part, named in parts.items():
+    for name, variable in named.items():
+      if id(variable) in owner:
+        raise ValueError(
+            f"{variable.path} would be filed twice, as {owner[id(variable)]} "
+            f"and as {part}/{name}: two checkpoint parts share a layer.")
+      owner[id(variable)] = f"{part}/{name}"
+  other = {}
+  for variable in model.variables:
+    if id(variable) in owner:
+      continue
+    if variable.path in other:
+      raise ValueError(
+          f"{model.name}: two variables outside the model's parts share the "
+          f"path {variable.path!r}; give the layers that hold them distinct "
+          "names.")
+    other[variable.path] = variable
   if other:
     parts["other"] = other
   return parts
@@ -83,9 +113,9 @@ def make_checkpoint(model, optimizer=None, step=None):
   `checkpoint.read(path).assert_existing_objects_matched()`.
 
   Args:
-    model: a ContrastiveModel (its `backbone`, `projection_head` and
-      `probe_head` are filed separately, so each can be restored on its own),
-      or any built Keras model, filed whole as "backbone".
+    model: an SSLModel (each of its `checkpoint_parts()` is filed
+      separately, so each can be restored on its own; "backbone" is the
+      representation), or any built Keras model, filed whole as "backbone".
     optimizer: optional Keras optimizer (e.g. tf_ssl.optim.LARS); its slots
       are saved once it is built.
     step: optional integer tf.Variable (the global step).

@@ -11,6 +11,9 @@ from typing import Optional
 
 from absl import flags
 
+from tf_ssl import methods
+from tf_ssl.models import heads
+
 FLAGS = flags.FLAGS
 
 # Run and machine.
@@ -44,14 +47,22 @@ flags.DEFINE_integer("proj_hidden_dim", 0, "Hidden width of the projection head;
 flags.DEFINE_integer("proj_dim", 128, "Output width of the projection head.")
 
 # Method and optimisation.
-flags.DEFINE_enum("method", "simclr", ["simclr", "supcon"], "Pretraining objective.")
+flags.DEFINE_enum("method", "simclr", list(methods.NAMES), "Pretraining method (tf_ssl/methods/; docs/recipes.md has each recipe).")
 flags.DEFINE_enum("simclr_version", "2", ["1", "2"], "Brightness jitter, 1: additive, 2: multiplicative (docs/recipes.md).")
-flags.DEFINE_enum("proj_head", "simclr", ["simclr", "mlp"], "Projection head: simclr = both SimCLR codebases' (Dense without bias + BN per layer, ReLU between, last BN without centre; --proj_layers 2 for v1, 3 for v2); mlp = SupCon's PyTorch reference (Linear-ReLU-Linear with biases, no BN).")
-flags.DEFINE_float("temperature", 0.1, "Contrastive softmax temperature.")
-flags.DEFINE_float("supcon_base_temperature", 0.07, "SupCon loss scale is temperature / base temperature.")
-flags.DEFINE_enum("supcon_contrast_mode", "all", ["all", "one"], "SupCon anchors: every view, or the first.")
-flags.DEFINE_enum("supcon_summation", "outside", ["outside", "inside"], "SupCon L_out or L_in.")
-flags.DEFINE_enum("supcon_denominator", "all", ["all", "negatives"], "SupCon denominator.")
+flags.DEFINE_enum("proj_head", "auto", ["auto"] + list(heads.KINDS), "Projection head: auto = the method's own (simclr for SimCLR and SupCon, mlp for MoCo v2, byol, moco_v3); simclr = both SimCLR codebases' (Dense without bias + BN per layer, ReLU between, last BN without centre; --proj_layers 2 for v1, 3 for v2); mlp = SupCon's and MoCo v2's PyTorch head (Linear-ReLU-Linear with biases, no BN); byol = BYOL's (Linear+BN+ReLU, last Linear without bias); moco_v3 = MoCo v3's (hidden layers without bias + BN, last BN without affine).")
+# Method options: one flag per field of a method's Config (tf_ssl/methods/),
+# named with the method's prefix; None means the method's default. A flag of
+# another method than --method is an error.
+flags.DEFINE_float("temperature", None, "Softmax temperature of the contrastive loss; default: the method's (simclr, supcon 0.1; moco_v2 0.2; moco_v3 1.0).")
+flags.DEFINE_float("supcon_base_temperature", None, "SupCon loss scale is temperature / base temperature (default 0.07).")
+flags.DEFINE_enum("supcon_contrast_mode", None, ["all", "one"], "SupCon anchors: every view (default), or the first.")
+flags.DEFINE_enum("supcon_summation", None, ["outside", "inside"], "SupCon L_out (default) or L_in.")
+flags.DEFINE_enum("supcon_denominator", None, ["all", "negatives"], "SupCon denominator (default all).")
+flags.DEFINE_float("byol_momentum", None, "BYOL target EMA momentum at step 0, cosine to 1 (default 0.996).")
+flags.DEFINE_integer("byol_pred_hidden_dim", None, "BYOL predictor hidden width (default 0: the projector's hidden width).")
+flags.DEFINE_float("moco_momentum", None, "MoCo key-encoder EMA momentum: constant for moco_v2 (default 0.999), from it to 1 by cosine for moco_v3 (default 0.99).")
+flags.DEFINE_integer("moco_queue_size", None, "moco_v2: keys in the queue, a multiple of --global_batch_size (default 65536).")
+flags.DEFINE_integer("moco_pred_hidden_dim", None, "moco_v3: predictor hidden width (default 0: the projector's hidden width).")
 flags.DEFINE_integer("global_batch_size", 256, "Images per step over all replicas (each gives num_views views).")
 flags.DEFINE_integer("train_steps", None, "Training length in steps (exactly one of this and --train_epochs).")
 flags.DEFINE_float("train_epochs", None, "Training length in epochs of --train_split.")
@@ -120,8 +131,7 @@ class PretrainConfig:
   data: DataConfig
   model: ModelConfig
   method: str
-  temperature: float
-  supcon_options: dict
+  method_options: dict  # {field of the method's Config: value given}
   global_batch_size: int
   train_steps: Optional[int]
   train_epochs: Optional[float]
@@ -138,6 +148,12 @@ class PretrainConfig:
   final_eval_examples: int
   baselines: bool
   export: bool
+
+  @property
+  def temperature(self):
+    """The method's temperature (given or its default); None if it has none."""
+    config = methods.get(self.method).Config(**self.method_options)
+    return getattr(config, "temperature", None)
 
 
 def _check(condition, flag, message):
@@ -180,9 +196,8 @@ def _run_config():
 def pretrain_config():
   """Validates the pretraining flags and returns a PretrainConfig."""
   _validate_common()
-  _check(FLAGS.temperature > 0, "temperature", "must be positive.")
   _check(0 < FLAGS.crop_min_area <= 1, "crop_min_area", "must be in (0, 1].")
-  _check(FLAGS.num_views >= 2, "num_views", "contrastive learning needs >= 2 views.")
+  _check(FLAGS.num_views >= 2, "num_views", "the methods need >= 2 views.")
   _check(FLAGS.proj_layers >= 1, "proj_layers", "must be >= 1.")
   _check(FLAGS.proj_hidden_dim >= 0, "proj_hidden_dim", "must be >= 0 (0: the feature width).")
   _check(FLAGS.eval_every_steps >= 0, "eval_every_steps", "must be >= 0 (0: only at the end).")
@@ -193,12 +208,19 @@ def pretrain_config():
   if small_stem is None:
     small_stem = FLAGS.image_size <= 32
   blur = {"auto": None, "on": True, "off": False}[FLAGS.blur]
-  supcon_options = {}
-  if FLAGS.method == "supcon":
-    supcon_options = dict(base_temperature=FLAGS.supcon_base_temperature,
-                          contrast_mode=FLAGS.supcon_contrast_mode,
-                          summation=FLAGS.supcon_summation,
-                          denominator=FLAGS.supcon_denominator)
+  method_options = _method_options(FLAGS.method)
+  method_class = methods.get(FLAGS.method)
+  try:
+    method_class.Config(**method_options)
+  except ValueError as e:
+    raise flags.ValidationError(str(e)) from None
+  try:
+    method_class.check_views(FLAGS.num_views)
+  except ValueError as e:
+    raise flags.ValidationError(str(e)) from None
+  proj_head = FLAGS.proj_head
+  if proj_head == "auto":
+    proj_head = method_class.default_head
   return PretrainConfig(
       run=_run_config(),
       data=DataConfig(
@@ -211,9 +233,9 @@ def pretrain_config():
       model=ModelConfig(
           backbone=FLAGS.backbone, small_image_stem=small_stem, sync_bn=FLAGS.sync_bn,
           proj_layers=FLAGS.proj_layers, proj_hidden_dim=FLAGS.proj_hidden_dim,
-          proj_dim=FLAGS.proj_dim, proj_head=FLAGS.proj_head),
-      method=FLAGS.method, temperature=FLAGS.temperature,
-      supcon_options=supcon_options, global_batch_size=FLAGS.global_batch_size,
+          proj_dim=FLAGS.proj_dim, proj_head=proj_head),
+      method=FLAGS.method, method_options=method_options,
+      global_batch_size=FLAGS.global_batch_size,
       train_steps=FLAGS.train_steps, train_epochs=FLAGS.train_epochs,
       warmup_epochs=FLAGS.warmup_epochs, optimizer=FLAGS.optimizer,
       learning_rate=FLAGS.learning_rate, lr_scaling=FLAGS.lr_scaling,
@@ -224,6 +246,24 @@ def pretrain_config():
       final_eval_examples=FLAGS.final_eval_examples,
       baselines=FLAGS.baselines,
       export=FLAGS.export)
+
+
+def _method_options(method):
+  """{Config field: value} of the method's flags that were given; a given
+  flag of another method is an error naming the methods that read it."""
+  options = {}
+  fields = {methods.flag_name(method, f.name): f.name
+            for f in dataclasses.fields(methods.get(method).Config)}
+  for flag, owners in sorted(methods.flag_owners().items()):
+    value = FLAGS[flag].value
+    if value is None:
+      continue
+    if flag not in fields:
+      raise flags.ValidationError(
+          f"--{flag}={value!r} is an option of --method={' / '.join(owners)}, "
+          f"and this run is --method={method}; drop it.")
+    options[fields[flag]] = value
+  return options
 
 
 _DURATIONS = ("train_steps", "train_epochs")
@@ -317,7 +357,7 @@ class FinetuneConfig:
   proj_layers: int = 3                 # The pretrained projection head's shape.
   proj_hidden_dim: int = 0             # 0: the backbone's feature width.
   proj_dim: int = 128
-  proj_head: str = "simclr"            # simclr | mlp, as pretraining's --proj_head.
+  proj_head: str = "simclr"            # The pretraining run's --proj_head.
   finetune_after_block: int = -1
   zero_init_head: bool = True
   # Optimisation (linear / finetune; hyperrule fixes its own).
@@ -373,7 +413,7 @@ class FinetuneConfig:
     check(self.crop_size <= self.resize_size, "crop_size",
           f"must not exceed --resize_size={self.resize_size}.")
     check(self.mixup_alpha is None or self.mixup_alpha >= 0, "mixup_alpha", "must be >= 0.")
-    check(self.proj_head in ("simclr", "mlp"), "proj_head", "pick simclr or mlp.")
+    check(self.proj_head in heads.KINDS, "proj_head", f"pick one of {heads.KINDS}.")
     check(self.finetune_proj_layers >= 0, "finetune_proj_layers", "must be >= 0.")
     check(self.finetune_proj_layers <= self.proj_layers, "finetune_proj_layers",
           f"the pretrained head has --proj_layers={self.proj_layers} layers.")
@@ -426,6 +466,8 @@ def finetune_config():
     small_stem = image_size <= 32 and (FLAGS.mode != "hyperrule" or FLAGS.crop_size > 0)
   fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
   values = {name: getattr(FLAGS, name) for name in fields}
+  if values["proj_head"] == "auto":
+    values["proj_head"] = FinetuneConfig.proj_head
   values.update(small_image_stem=bool(small_stem),
                 cache={"auto": "auto", "on": True, "off": False}[FLAGS.cache])
   # The shared flags' defaults are pretraining's (LARS, lr 0.3, 10 warmup

@@ -242,7 +242,9 @@ def fit(run, model, data, *, total_steps, steps_per_pass, global_batch_size,
     steps_per_pass: steps of one pass over the training data; a Keras epoch
       is about that long (at least MIN_STEPS_PER_CHUNK), in whole executions.
     global_batch_size: images per step, for images/s.
-    schedule: the learning-rate schedule (logged beside the metrics).
+    schedule: the learning-rate schedule, or {name: fn(step)} of every
+      schedule to log beside the metrics (the learning rate and a method's,
+      e.g. its EMA momentum).
     manager: a tf.train.CheckpointManager, or None for no checkpoints.
     checkpoint_every_steps: save period.
     extra_callbacks: run after the NaN guard and the stop, before the

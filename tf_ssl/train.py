@@ -1,4 +1,4 @@
-r"""Contrastive pretraining (SimCLR v1/v2, SupCon) on any tf.distribute strategy.
+r"""Self-supervised pretraining with any --method on any tf.distribute strategy.
 
     python -m tf_ssl.train --flagfile=configs/simclr_fashion_mnist.cfg \
         --workdir=runs/simclr_fashion_mnist
@@ -24,43 +24,60 @@ from tf_ssl import flags as tf_ssl_flags
 from tf_ssl import optim
 from tf_ssl import plots
 from tf_ssl import runner
-from tf_ssl.data import augment
 from tf_ssl.data import pipeline
 from tf_ssl.data import sources
+from tf_ssl import methods
 from tf_ssl.models import build_backbone
-from tf_ssl.models.contrastive import ContrastiveModel
-from tf_ssl.models.heads import ProjectionHead
+from tf_ssl.models.ssl_model import SSLModel
 
 
-def build_model(config, num_classes):
-  """Backbone + projection head + online probe, as the config says."""
+def make_backbone(config):
+  """A new backbone as the config says (the online one, a target, a
+  random-init baseline)."""
   m = config.model
-  backbone_kwargs = {"sync_bn": m.sync_bn} if m.backbone.startswith("resnet") else {}
-  backbone = build_backbone(m.backbone, small_image_stem=m.small_image_stem,
-                            **backbone_kwargs)
-  head = ProjectionHead(hidden_dim=m.proj_hidden_dim or None, output_dim=m.proj_dim,
-                        num_layers=m.proj_layers, kind=m.proj_head,
-                        sync_bn=m.sync_bn)
-  model = ContrastiveModel(backbone, head, num_classes=num_classes or 0,
-                           method=config.method, temperature=config.temperature,
-                           supcon_options=config.supcon_options)
+  kwargs = {"sync_bn": m.sync_bn} if m.backbone.startswith("resnet") else {}
+  return build_backbone(m.backbone, small_image_stem=m.small_image_stem, **kwargs)
+
+
+def build_method(config, total_steps=1):
+  """The --method's Method with its options and the --proj_* projector."""
+  m = config.model
+  head = methods.HeadSpec(hidden_dim=m.proj_hidden_dim or None, output_dim=m.proj_dim,
+                          num_layers=m.proj_layers, kind=m.proj_head,
+                          sync_bn=m.sync_bn)
+  return methods.create(config.method, config.method_options, head=head,
+                        total_steps=total_steps,
+                        global_batch_size=config.global_batch_size)
+
+
+def build_model(config, num_classes, method=None):
+  """Backbone + the method's layers + online probe, built."""
+  method = method or build_method(config)
+  model = SSLModel(make_backbone(config), method, num_classes=num_classes or 0,
+                   make_backbone=lambda: make_backbone(config))
   size = config.data.image_size
   model(tf.zeros((1, size, size, 3)))
   return model
 
 
-def build_optimizer(config, steps_per_epoch, total_steps):
-  """The optimizer and its learning-rate schedule (warmup, then cosine)."""
+def build_optimizer(config, steps_per_epoch, total_steps, exclude=optim.DEFAULT_EXCLUDE):
+  """The optimizer and its learning-rate schedule (warmup, then cosine).
+
+  exclude: regexes of variable paths LARS and SGD leave out of weight decay
+  (and LARS out of trust-ratio adaptation): the method's.
+  """
   peak = config.learning_rate
   if config.lr_scaling != "none":
     peak = optim.scale_learning_rate(peak, config.global_batch_size, config.lr_scaling)
   warmup = runner.warmup_steps(config.warmup_epochs, steps_per_epoch, total_steps)
   schedule = optim.WarmupCosine(peak, warmup, total_steps)
   if config.optimizer == "lars":
-    opt = optim.LARS(schedule, momentum=config.momentum, weight_decay=config.weight_decay)
+    opt = optim.LARS(schedule, momentum=config.momentum, weight_decay=config.weight_decay,
+                     exclude_from_weight_decay=exclude, exclude_from_adaptation=exclude)
   elif config.optimizer == "sgd":
     opt = optim.momentum_sgd(schedule, momentum=config.momentum,
-                             weight_decay=config.weight_decay)
+                             weight_decay=config.weight_decay,
+                             exclude_from_weight_decay=exclude)
   else:
     opt = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
     opt.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
@@ -178,9 +195,9 @@ def _main():
     d = config.data
     train_source = sources.make_source(d.dataset, d.train_split, d.data_dir)
     test_source = sources.make_source(d.dataset, d.eval_split, d.data_dir)
-    if config.method == "supcon" and not train_source.num_classes:
+    if methods.get(config.method).needs_labels and not train_source.num_classes:
       raise runner.UserError(
-          f"--method=supcon needs labels, and --dataset={d.dataset} "
+          f"--method={config.method} needs labels, and --dataset={d.dataset} "
           f"--train_split={d.train_split} has none; use --method=simclr.")
     eval_on_train = sources.same_data(train_source, test_source)
     steps_per_epoch = train_source.num_examples // config.global_batch_size
@@ -194,14 +211,14 @@ def _main():
     spe = run.steps_per_execution
     total_steps = config.train_steps or runner.whole_executions(
         config.train_epochs * steps_per_epoch, spe)
-    views = augment.SimCLRAugment(
-        d.image_size, color_strength=d.color_strength, version=d.simclr_version,
-        blur=d.blur, crop_area=(d.crop_min_area, 1.0), num_views=d.num_views)
+    method = build_method(config, total_steps)
+    views = method.augment(d)
 
     # ----------------------------------------------------- model + optimizer
     with strategy.scope():
-      model = build_model(config, train_source.num_classes)
-      optimizer, schedule = build_optimizer(config, steps_per_epoch, total_steps)
+      model = build_model(config, train_source.num_classes, method)
+      optimizer, schedule = build_optimizer(config, steps_per_epoch, total_steps,
+                                            method.optimizer_exclusions())
       model.compile(optimizer=optimizer, steps_per_execution=spe,
                     jit_compile=run.jit_compile)
       optimizer.build(model.trainable_variables)
@@ -235,12 +252,13 @@ def _main():
   extra = []
   if config.eval_every_steps:
     extra.append(callbacks.KnnMonitor(
-        knn_monitor(strategy, model.backbone, train_source, test_source, config,
+        knn_monitor(strategy, model.representation, train_source, test_source, config,
                     exclude_self=eval_on_train),
         optimizer.iterations, config.eval_every_steps, writer=r.writer))
   preempted, _ = runner.fit(
       r, model, train_data, total_steps=total_steps, steps_per_pass=steps_per_epoch,
-      global_batch_size=config.global_batch_size, schedule=schedule,
+      global_batch_size=config.global_batch_size,
+      schedule={"learning_rate": schedule, **method.schedules()},
       manager=manager, checkpoint_every_steps=run.checkpoint_every_steps,
       extra_callbacks=extra)
   if preempted:
@@ -251,13 +269,13 @@ def _main():
   eval_batch = -(-max(256, config.global_batch_size) // replicas) * replicas
   train_source = first_examples(train_source, config.final_eval_examples)
   test_source = first_examples(test_source, config.final_eval_examples)
-  results = evaluate_features(strategy, model.backbone, train_source, test_source,
+  results = evaluate_features(strategy, model.representation, train_source, test_source,
                               config, eval_batch, exclude_self=eval_on_train)
   if config.baselines:
     t0 = time.time()
     gray = is_grayscale(train_source, d.image_size)
     with strategy.scope():
-      random_init = build_model(config, 0).backbone
+      random_init = make_backbone(config)
     logging.info("baselines: set up in %.0fs", time.time() - t0)
     for prefix, embed in (("raw_pixel_", raw_pixels(gray)),
                           ("random_init_", random_init)):

@@ -1,0 +1,274 @@
+"""The method interface: every method's whole fit steps equal on 1 and 4
+replicas (synchronised BN, LARS), its targets' EMA against the closed form,
+the MoCo queue's contents and resume, checkpoint parts, flags, and the
+representation that export and fine-tuning take."""
+
+import dataclasses
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import mirrored
+from tf_ssl import checkpoints
+from tf_ssl import methods
+from tf_ssl import optim
+from tf_ssl.models import ema
+from tf_ssl.models.ssl_model import SSLModel
+
+GLOBAL_BATCH = 8
+IMAGE = 8
+STEPS = 3
+HEAD = methods.HeadSpec(hidden_dim=16, output_dim=8, num_layers=2, sync_bn=True)
+OPTIONS = {"byol": {"momentum": 0.9}, "moco_v2": {"queue_size": 16, "momentum": 0.9},
+           "moco_v3": {"momentum": 0.9, "temperature": 0.5},
+           "simclr": {"temperature": 0.5}, "supcon": {"temperature": 0.5}}
+
+
+class TinyBackbone(keras.Model):
+  """Conv-BN-ReLU-pool: enough to exercise BN statistics across replicas."""
+  feature_dim = 8
+
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    # Named: checkpoints file variables by their path inside the backbone.
+    self.conv = keras.layers.Conv2D(8, 3, use_bias=False, name="conv")
+    self.bn = keras.layers.BatchNormalization(synchronized=True, momentum=0.9,
+                                              name="bn")
+    self.pool = keras.layers.GlobalAveragePooling2D(name="pool")
+
+  def call(self, images, training=False):
+    stem = tf.nn.relu(self.bn(self.conv(images), training=training))
+    return {"stem": stem, "features": self.pool(stem)}
+
+
+def _batch(seed=0):
+  rng = np.random.default_rng(seed)
+  views = rng.uniform(size=(GLOBAL_BATCH, 2, IMAGE, IMAGE, 3)).astype("float32")
+  labels = np.array([0, 1, 2, 0, 1, -1, 2, -1], dtype="int64")
+  return views, labels
+
+
+def _build(name, initial_weights=None, total_steps=10):
+  method = methods.create(name, OPTIONS[name], head=HEAD, total_steps=total_steps,
+                          global_batch_size=GLOBAL_BATCH)
+  model = SSLModel(TinyBackbone(), method, num_classes=3, make_backbone=TinyBackbone)
+  model(tf.zeros((2, IMAGE, IMAGE, 3)))
+  if initial_weights is not None:
+    model.set_weights(initial_weights)
+  model.compile(optimizer=optim.LARS(learning_rate=0.5, weight_decay=1e-4))
+  return model
+
+
+def _fit(strategy, name, initial_weights, steps=STEPS):
+  """`steps` fit steps of the global batches _batch(0), _batch(1), ...;
+  replica r gets rows [r*b, (r+1)*b) of each (batches go to the replicas in
+  turn)."""
+  per_replica = GLOBAL_BATCH // strategy.num_replicas_in_sync
+  batches = [_batch(seed) for seed in range(steps)]
+
+  def dataset_fn(ctx):
+    del ctx
+    ds = tf.data.Dataset.from_tensor_slices(
+        {"views": np.concatenate([b[0] for b in batches]),
+         "label": np.concatenate([b[1] for b in batches])})
+    return ds.batch(per_replica, drop_remainder=True)
+
+  with strategy.scope():
+    model = _build(name, initial_weights)
+  data = strategy.distribute_datasets_from_function(dataset_fn)
+  history = model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0)
+  return model, history.history
+
+
+def _weights(model):
+  """[(path, value)] of every variable, in creation order."""
+  return [(v.path, np.array(v)) for v in model.weights]
+
+
+@pytest.mark.parametrize("name", ["byol", "moco_v2", "moco_v3"])
+def test_fit_steps_same_on_1_and_4_replicas(name):
+  initial = _build(name).get_weights()
+  m1, h1 = _fit(mirrored(1), name, initial)
+  m4, h4 = _fit(mirrored(4), name, initial)
+  w0 = _weights(_build(name, initial))
+  w1, w4 = _weights(m1), _weights(m4)
+  moved = [p for (p, a), (_, b) in zip(w0, w1) if not np.allclose(a, b)]
+  assert len(moved) >= len(w0) // 2, "the steps should change most variables"
+  # Every variable: online, target (EMA and its own BN statistics), queue.
+  for (path, a), (_, b) in zip(w1, w4):
+    np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5, err_msg=path)
+  np.testing.assert_allclose(h1["loss"], h4["loss"], rtol=1e-5)
+  if name == "moco_v2":
+    assert int(m1.queue.pointer.numpy()) == STEPS * GLOBAL_BATCH % 16
+
+
+def test_target_is_the_closed_form_ema_of_the_online_weights():
+  """BYOL after n steps: target = copy at step 0, then m(k) * target +
+  (1 - m(k)) * online_k at the start of step k (online_k: the weights after
+  k updates), with m(k) the cosine schedule; BN statistics are the target's
+  own."""
+  total = 10
+  model = _build("byol", total_steps=total)
+  online, target = ema.paired_variables(
+      [model.backbone, model.projection_head],
+      [model.target_backbone, model.target_projection_head])
+  assert len(online) == len(model.backbone.trainable_variables) + len(
+      model.projection_head.trainable_variables)
+  assert not any(v.trainable for v in target)
+  assert not any(v is t for v in model.trainable_variables for t in target)
+  expected = None
+  for k in range(4):
+    theta = [np.array(v) for v in online]
+    m = 0.0 if k == 0 else float(ema.cosine_momentum(k, total, 0.9))
+    expected = theta if expected is None else [
+        m * e + (1 - m) * t for e, t in zip(expected, theta)]
+    views, labels = _batch(k)
+    model.train_step({"views": tf.constant(views), "label": tf.constant(labels)})
+  for e, t in zip(expected, target):
+    np.testing.assert_allclose(np.array(t), e, rtol=1e-5, atol=1e-6)
+  # The online network moved away from its target.
+  assert not np.allclose(np.array(online[0]), np.array(target[0]))
+  # Moving statistics are not averaged: the target's come from its own passes.
+  t_mean = [v for v in model.target_backbone.variables if "moving_mean" in v.path][0]
+  o_mean = [v for v in model.backbone.variables if "moving_mean" in v.path][0]
+  assert not np.allclose(np.array(t_mean), np.array(o_mean))
+
+
+def test_cosine_momentum_schedule():
+  m = lambda step: float(ema.cosine_momentum(step, 100, 0.99))
+  assert m(0) == pytest.approx(0.99)
+  assert m(50) == pytest.approx(0.995)
+  assert m(100) == pytest.approx(1.0)
+  assert m(250) == pytest.approx(1.0)
+  method = methods.create("moco_v2", {"momentum": 0.99}, total_steps=100)
+  assert float(method.momentum(50)) == pytest.approx(0.99)  # v2: constant.
+  schedules = methods.create("byol", total_steps=100).schedules()
+  assert schedules["byol_momentum"](50) == pytest.approx(0.998)
+
+
+def _step(model, seed):
+  views, labels = _batch(seed)
+  return model.train_step({"views": tf.constant(views), "label": tf.constant(labels)})
+
+
+def test_moco_queue_holds_the_latest_keys_and_resumes_exactly(tmp_path):
+  model = _build("moco_v2")
+  initial = np.array(model.queue.keys)
+  np.testing.assert_allclose(np.linalg.norm(initial, axis=1), 1.0, rtol=1e-5)
+  captured = {}
+  push = model.queue.push
+
+  def spy(keys):
+    captured["keys"] = keys
+    push(keys)
+  model.queue.push = spy
+  _step(model, 0)
+  model.queue.push = push
+  # The first batch's keys at rows [0, 8), the rest untouched, pointer at 8.
+  queue = np.array(model.queue.keys)
+  np.testing.assert_allclose(queue[:8], np.array(captured["keys"]), rtol=1e-6)
+  np.testing.assert_allclose(np.linalg.norm(queue[:8], axis=1), 1.0, rtol=1e-5)
+  np.testing.assert_array_equal(queue[8:], initial[8:])
+  assert int(model.queue.pointer.numpy()) == 8
+  # Resume: a fresh model restored from the checkpoint continues identically.
+  checkpoint = checkpoints.make_checkpoint(model, model.optimizer)
+  path = checkpoint.save(str(tmp_path / "ckpt"))
+  _step(model, 1)
+  _step(model, 2)
+  fresh = _build("moco_v2")
+  fresh.optimizer.build(fresh.trainable_variables)
+  checkpoints.make_checkpoint(fresh, fresh.optimizer).read(path).assert_existing_objects_matched()
+  assert int(fresh.queue.pointer.numpy()) == 8
+  _step(fresh, 1)
+  _step(fresh, 2)
+  assert int(fresh.queue.pointer.numpy()) == 24 % 16
+  for a, b in zip(model.weights, fresh.weights):
+    np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-6, atol=1e-7,
+                               err_msg=a.path)
+
+
+def test_queue_must_hold_whole_batches():
+  with pytest.raises(ValueError, match="multiple of --global_batch_size=8"):
+    methods.create("moco_v2", {"queue_size": 20}, global_batch_size=8)
+
+
+def test_checkpoint_parts_are_named_and_never_collide():
+  model = _build("byol")
+  parts = checkpoints._parts(model)  # pylint: disable=protected-access
+  assert {"backbone", "projection_head", "predictor", "target_backbone",
+          "target_projection_head", "probe_head"} <= set(parts)
+  # The online and target backbones share their relative names, each in its part.
+  assert set(parts["backbone"]) == set(parts["target_backbone"])
+  # A layer filed in two parts would give two checkpoint entries one value.
+  model.target_projection_head = model.projection_head
+  with pytest.raises(ValueError, match="filed twice"):
+    checkpoints._parts(model)  # pylint: disable=protected-access
+
+
+def test_the_representation_is_what_export_and_init_take(tmp_path):
+  from tf_ssl import export  # pylint: disable=g-import-not-at-top
+  model = _build("byol")
+  for k in range(2):
+    _step(model, k)
+  path = checkpoints.make_checkpoint(model, model.optimizer).save(str(tmp_path / "c"))
+  fresh = TinyBackbone()
+  fresh(tf.zeros((1, IMAGE, IMAGE, 3)))
+  checkpoints.restore_backbone(fresh, path)
+  images = tf.constant(_batch(5)[0][:, 0])
+  want = model.backbone(images)["features"]
+  np.testing.assert_allclose(fresh(images)["features"], want, rtol=1e-5)
+  assert not np.allclose(model.target_backbone(images)["features"], want)
+  module = export.build_export_module(model)
+  out = module.call_endpoint(images)
+  np.testing.assert_allclose(out["features"], want, rtol=1e-5)
+  assert {"projection", "prediction"} <= set(out)
+
+
+def test_a_flag_of_another_method_is_an_error(tmp_path):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from tf_ssl import flags as tf_ssl_flags  # pylint: disable=g-import-not-at-top
+  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+  base = ["tf_ssl", f"--workdir={tmp_path}", "--train_steps=10"]
+  try:
+    FLAGS.unparse_flags()
+    FLAGS(base + ["--method=simclr", "--byol_momentum=0.99"])
+    with pytest.raises(flags.ValidationError, match="--byol_momentum=0.99 is an option of --method=byol"):
+      tf_ssl_flags.pretrain_config()
+    FLAGS.unparse_flags()
+    FLAGS(base + ["--method=moco_v3", "--moco_queue_size=4096"])
+    with pytest.raises(flags.ValidationError, match="--method=moco_v2"):
+      tf_ssl_flags.pretrain_config()
+    FLAGS.unparse_flags()
+    FLAGS(base + ["--method=moco_v2", "--moco_queue_size=4096", "--moco_momentum=0.99"])
+    config = tf_ssl_flags.pretrain_config()
+    assert config.method_options == {"queue_size": 4096, "momentum": 0.99}
+    assert config.temperature == 0.2 and config.model.proj_head == "mlp"
+    FLAGS.unparse_flags()
+    FLAGS(base + ["--method=byol", "--temperature=0.1"])
+    with pytest.raises(flags.ValidationError, match="--temperature=0.1 is an option of"):
+      tf_ssl_flags.pretrain_config()
+    FLAGS.unparse_flags()
+    FLAGS(base + ["--method=byol", "--num_views=3"])
+    with pytest.raises(flags.ValidationError, match="takes 2 views"):
+      tf_ssl_flags.pretrain_config()
+  finally:
+    FLAGS.unparse_flags()
+
+
+def test_heads_are_the_references():
+  """BYOL: Linear(bias)-BN-ReLU-Linear(no bias), no last BN, for projector
+  and predictor; MoCo v3: no biases, projector ends in an affine-free BN,
+  predictor without it; MoCo v2: the MLP with biases, no BN."""
+  def layout(head):
+    return [(d.use_bias, None if bn is None else (bn.center, bn.scale))
+            for d, bn in zip(head.dense_layers, head.bn_layers)]
+  byol = _build("byol")
+  assert layout(byol.projection_head) == [(True, (True, True)), (False, None)]
+  assert layout(byol.predictor) == [(True, (True, True)), (False, None)]
+  assert byol.predictor.dense_layers[0].units == HEAD.hidden_dim
+  moco_v3 = _build("moco_v3")
+  assert layout(moco_v3.projection_head) == [(False, (True, True)), (False, (False, False))]
+  assert layout(moco_v3.predictor) == [(False, (True, True)), (False, None)]
+  assert layout(_build("moco_v2").projection_head) == [(True, None), (True, None)]

@@ -1,0 +1,271 @@
+"""What a self-supervised method is to the shared model and trainer.
+
+`tf_ssl.models.ssl_model.SSLModel` owns the online backbone, the online
+probe and the one `train_step`; a `Method` owns everything that differs:
+the layers it adds (projector, predictor, target networks, queues), the
+views it wants, its loss, what happens around each update (EMA, enqueue),
+its schedules, the optimizer exclusions, and which network is the
+representation. Adding a method means one module under tf_ssl/methods/ and
+one line in the registry (tf_ssl/methods/__init__.py); the trainer, the
+runner and the pipeline stay as they are.
+"""
+
+import dataclasses
+
+import tensorflow as tf
+
+from tf_ssl import optim
+from tf_ssl.data import augment
+from tf_ssl.models import ema
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOutput:
+  """What `Method.forward` hands back to the train step.
+
+  loss: float32 scalar, this replica's loss (not divided by the replica
+    count; the train step does that once).
+  metrics: float32 scalars without gradient, averaged over the epoch.
+  features: online backbone features [n * B, F] of the n views the online
+    network saw, view-major; the online probe trains on them (the batch's
+    labels are tiled n times).
+  state: tensors `after_update` needs (e.g. the keys to enqueue).
+  """
+  loss: tf.Tensor
+  metrics: dict
+  features: tf.Tensor
+  state: dict = dataclasses.field(default_factory=dict)
+
+
+class Method:
+  """Base class: a two-view method without extra state.
+
+  Subclasses set `name`, `metric_names` and override `layers` and `forward`;
+  the rest has defaults that fit most methods.
+
+  Class attributes:
+    name: the --method value.
+    needs_labels: the loss uses the batch's labels (SupCon).
+    representation: the model attribute holding the network that
+      evaluation, fine-tuning --init and export use.
+    loss_name: the name the method's loss is logged under (the total,
+      "loss", adds the probe's).
+    metric_names: the keys of StepOutput.metrics.
+    num_views: views per image the method needs; None: any number >= 2.
+  """
+  name = ""
+  needs_labels = False
+  representation = "backbone"
+  loss_name = "contrastive_loss"
+  metric_names = ()
+  num_views = 2
+
+  default_head = "simclr"
+
+  @dataclasses.dataclass(frozen=True)
+  class Config:
+    """The method's options: the fields of its --<prefix>_* flags."""
+
+  def __init__(self, config=None, *, head=None, total_steps=1,
+               global_batch_size=None):
+    """
+    Args:
+      config: the method's Config (its options); None: the defaults.
+      head: a HeadSpec for the projector the method builds, or a built
+        projection layer to use as it is; None: HeadSpec().
+      total_steps: the run's length (the schedules end there).
+      global_batch_size: images per step over all replicas (a queue must
+        hold whole batches).
+    """
+    self.config = self.Config() if config is None else config
+    self.head = HeadSpec() if head is None else head
+    self.total_steps = int(total_steps)
+    self.global_batch_size = global_batch_size
+
+  def projector(self, name="projection_head", **overrides):
+    """The projection head: `head` itself when it is a built layer."""
+    if not isinstance(self.head, HeadSpec):
+      if overrides or name != "projection_head":
+        raise ValueError(f"--method={self.name}: pass a HeadSpec, not a layer, "
+                         "to build more than one head.")
+      return self.head
+    return self.head.build(self.default_head, name=name, **overrides)
+
+  def predictor(self, feature_dim, hidden_dim=0, last_bn=True):
+    """A 2-layer predictor of the method's own kind, projection width in and
+    out; hidden_dim 0: the projector's hidden width (BYOL, MoCo v3)."""
+    spec = self.head if isinstance(self.head, HeadSpec) else HeadSpec()
+    hidden = hidden_dim or spec.hidden_dim or feature_dim
+    return spec.build(self.default_head, name="predictor", last_bn=last_bn,
+                      hidden_dim=hidden, num_layers=2, kind=self.default_head)
+
+  # ---------------------------------------------------------------- building
+  def layers(self, backbone, make_backbone):
+    """{attribute name: Keras layer} the method adds to the model.
+
+    Args:
+      backbone: the online backbone (built; `feature_dim` known).
+      make_backbone: zero-argument function building another backbone of
+        the same architecture (for a target network), or None.
+    """
+    raise NotImplementedError
+
+  def targets(self, model):
+    """[(online layer, target layer)] pairs moved by EMA; [] for none."""
+    del model
+    return []
+
+  def build_extra(self, model, images):
+    """Builds the layers that `endpoints` does not call (e.g. targets) by
+    calling them on `images`, once, when the model is first called."""
+
+  def endpoints(self, model, features, training):
+    """Head endpoints of the online network for `features`: the projection
+    head's, and "prediction" when the model has a predictor."""
+    out = dict(model.projection_head(features, training=training))
+    if hasattr(model, "predictor"):
+      out["prediction"] = model.predictor(out["projection"],
+                                          training=training)["projection"]
+    return out
+
+  def online(self, model, images):
+    """(features, the predictor's output) of the online network in training
+    mode: BYOL's and MoCo v3's query path."""
+    features = model.backbone(images, training=True)["features"]
+    z = model.projection_head(features, training=True)["projection"]
+    return features, model.predictor(z, training=True)["projection"]
+
+  # ------------------------------------------------------------------- views
+  def augment(self, data):
+    """The pretraining views for a tf_ssl.flags.DataConfig."""
+    return augment.SimCLRAugment(
+        data.image_size, color_strength=data.color_strength,
+        version=data.simclr_version, blur=data.blur,
+        crop_area=(data.crop_min_area, 1.0), num_views=data.num_views)
+
+  @classmethod
+  def check_views(cls, num_views):
+    """Raises ValueError when the method cannot take `num_views` views."""
+    if cls.num_views is not None and num_views != cls.num_views:
+      raise ValueError(f"--method={cls.name} takes {cls.num_views} views "
+                       f"per image; got --num_views={num_views}.")
+    if num_views < 2:
+      raise ValueError(f"--method={cls.name} needs >= 2 views per image.")
+
+  # -------------------------------------------------------------- training
+  def before_step(self, model, step):
+    """Runs at the start of each train step, before the forward pass."""
+
+  def forward(self, model, views, labels):
+    """The loss of one batch: views [B, V, H, W, C], labels [B] or None.
+
+    Runs under the train step's GradientTape; returns a StepOutput.
+    """
+    raise NotImplementedError
+
+  def after_update(self, model, state, step):
+    """Runs after the optimizer's update of step `step` (e.g. enqueue)."""
+
+  def schedules(self):
+    """{name: fn(step) -> float} logged to TensorBoard beside the
+    learning rate (e.g. the EMA momentum)."""
+    return {}
+
+  def optimizer_exclusions(self):
+    """Regexes of variable paths LARS leaves out of weight decay and
+    trust-ratio adaptation."""
+    return optim.DEFAULT_EXCLUDE
+
+
+def views_major(views):
+  """[B, V, H, W, C] -> [V*B, H, W, C], all first views, then all second ..."""
+  shape = tf.shape(views)
+  views = tf.transpose(views, [1, 0, 2, 3, 4])
+  return tf.reshape(views, tf.concat([[-1], shape[2:]], axis=0))
+
+
+class WithTarget(Method):
+  """A method with a target network: copies of the backbone and projector
+  ("target_backbone", "target_projection_head") moved towards the online
+  ones by EMA.
+
+  The average runs at the start of every step, before the forward pass:
+  target <- m * target + (1 - m) * online with m = 0 at step 0 (the target
+  starts as a copy of the online network, whatever initialised it) and
+  `momentum(step)` after. Averaging at the start of step k with the weights
+  after update k - 1 is BYOL's average after update k - 1; MoCo's order.
+  Subclasses build "projection_head" in `online_layers` and set
+  `base_momentum` and `cosine` (cosine schedule to 1, or constant).
+  """
+  base_momentum = 0.99
+  cosine = True
+
+  def online_layers(self, backbone):
+    """{name: layer} of the online heads; must hold "projection_head"."""
+    raise NotImplementedError
+
+  def layers(self, backbone, make_backbone):
+    if make_backbone is None:
+      raise ValueError(f"--method={self.name} keeps a target copy of the "
+                       "backbone: build the model with make_backbone.")
+    out = self.online_layers(backbone)
+    out["target_backbone"] = make_backbone()
+    out["target_projection_head"] = self.projector("target_projection_head")
+    return out
+
+  def targets(self, model):
+    return [(model.backbone, model.target_backbone),
+            (model.projection_head, model.target_projection_head)]
+
+  def target_projection(self, model, images):
+    """The target's projection of `images`, training mode, no gradient."""
+    features = model.target_backbone(images, training=True)["features"]
+    out = model.target_projection_head(features, training=True)["projection"]
+    return tf.stop_gradient(out)
+
+  def build_extra(self, model, images):
+    features = model.target_backbone(images, training=False)["features"]
+    model.target_projection_head(features, training=False)
+    ema.freeze([model.target_backbone, model.target_projection_head])
+
+  def momentum(self, step):
+    """The EMA momentum at `step` (float32 tensor)."""
+    if self.cosine:
+      return ema.cosine_momentum(step, self.total_steps, self.base_momentum)
+    return tf.constant(self.base_momentum, tf.float32)
+
+  def before_step(self, model, step):
+    m = tf.where(tf.equal(step, 0), 0.0, self.momentum(step))
+    online, target = [], []
+    for o_layer, t_layer in self.targets(model):
+      o, t = ema.paired_variables([o_layer], [t_layer])
+      online += o
+      target += t
+    ema.update(online, target, m)
+
+  def schedules(self):
+    return {f"{self.name}_momentum": lambda step: float(self.momentum(step))}
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadSpec:
+  """The shape of a method's projector (the --proj_* flags).
+
+  kind None means the method's own (`Method.default_head`); hidden_dim None
+  the input width.
+  """
+  hidden_dim: int = None
+  output_dim: int = 128
+  num_layers: int = 2
+  kind: str = None
+  sync_bn: bool = False
+
+  def build(self, default_kind, name="projection_head", last_bn=True,
+            **overrides):
+    """A ProjectionHead of this shape (fields replaced by `overrides`)."""
+    from tf_ssl.models.heads import ProjectionHead  # pylint: disable=g-import-not-at-top
+    spec = dataclasses.replace(self, **overrides)
+    return ProjectionHead(hidden_dim=spec.hidden_dim, output_dim=spec.output_dim,
+                          num_layers=spec.num_layers,
+                          kind=spec.kind or default_kind, sync_bn=spec.sync_bn,
+                          last_bn=last_bn, name=name)

@@ -1,0 +1,65 @@
+"""BYOL (Grill et al. 2020): an online network predicts a target network's
+projection of the other view; the target is an EMA of the online network
+(docs/recipes.md, "BYOL")."""
+
+import dataclasses
+
+import tensorflow as tf
+
+from tf_ssl import losses
+from tf_ssl.data import augment
+from tf_ssl.methods import base
+
+
+class BYOL(base.WithTarget):
+  """Online backbone + projector + predictor; target backbone + projector.
+
+  loss = byol(p1, z'2) + byol(p2, z'1): both directions summed, as the
+  reference (not their mean). The target runs in training mode (batch
+  statistics) and follows the cosine schedule from `momentum` to 1. Each
+  view goes through the networks on its own, so BN statistics are those of
+  one view's batch, as in the reference. The online network is the
+  representation.
+  """
+  name = "byol"
+  loss_name = "byol_loss"
+  metric_names = ("cosine",)
+  default_head = "byol"
+  cosine = True
+
+  @dataclasses.dataclass(frozen=True)
+  class Config:
+    momentum: float = 0.996
+    pred_hidden_dim: int = 0  # 0: the projector's hidden width.
+
+    def __post_init__(self):
+      if not 0 <= self.momentum < 1:
+        raise ValueError(f"--byol_momentum={self.momentum}: must be in [0, 1).")
+      if self.pred_hidden_dim < 0:
+        raise ValueError(f"--byol_pred_hidden_dim={self.pred_hidden_dim}: must be >= 0.")
+
+  @property
+  def base_momentum(self):
+    return self.config.momentum
+
+  def online_layers(self, backbone):
+    return {"projection_head": self.projector(),
+            "predictor": self.predictor(backbone.feature_dim,
+                                        self.config.pred_hidden_dim)}
+
+  def augment(self, data):
+    return augment.asymmetric(
+        data.image_size, color_strength=data.color_strength, blur=data.blur,
+        crop_area=(data.crop_min_area, 1.0))
+
+  def forward(self, model, views, labels):
+    del labels
+    v1, v2 = views[:, 0], views[:, 1]
+    f1, p1 = self.online(model, v1)
+    f2, p2 = self.online(model, v2)
+    z1 = self.target_projection(model, v1)
+    z2 = self.target_projection(model, v2)
+    loss_12, m_12 = losses.byol(p1, z2)
+    loss_21, m_21 = losses.byol(p2, z1)
+    metrics = {"cosine": (m_12["cosine"] + m_21["cosine"]) / 2.0}
+    return base.StepOutput(loss_12 + loss_21, metrics, tf.concat([f1, f2], 0))

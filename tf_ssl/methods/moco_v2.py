@@ -1,0 +1,123 @@
+"""MoCo v2 (Chen, Fan, Girshick, He 2020): a query encoder against its key
+from a momentum encoder and a queue of earlier keys (docs/recipes.md,
+"MoCo v2")."""
+
+import dataclasses
+
+import keras
+import tensorflow as tf
+
+from tf_ssl import distribute
+from tf_ssl import losses
+from tf_ssl.methods import base
+
+
+class KeyQueue(keras.layers.Layer):
+  """A FIFO of `size` normalised keys [size, dim] and its write pointer.
+
+  Not trained; identical on every replica: each step writes the keys of the
+  whole global batch (gathered from every replica) at the pointer, on every
+  replica's copy, and moves the pointer by the global batch. It starts as
+  l2-normalised Gaussian rows, as the reference's.
+  """
+
+  def __init__(self, size, dim, **kwargs):
+    kwargs.setdefault("name", "queue")
+    super().__init__(**kwargs)
+    self.size = int(size)
+    self.dim = int(dim)
+
+    def unit_rows(shape, dtype=None):
+      rows = keras.random.normal(shape, dtype="float32")
+      return tf.cast(tf.math.l2_normalize(rows, axis=1), dtype or "float32")
+
+    self.keys = self.add_weight(shape=(self.size, self.dim), initializer=unit_rows,
+                                trainable=False, dtype="float32", name="keys",
+                                autocast=False)
+    self.pointer = self.add_weight(shape=(), initializer="zeros", trainable=False,
+                                   dtype="int32", name="pointer", autocast=False)
+    self.built = True  # Never called: the model reads and pushes it.
+
+  def push(self, keys):
+    """Writes `keys` [B, dim] (the same on every replica) at the pointer;
+    B divides the size, so a write never wraps."""
+    keys = tf.cast(keys, tf.float32)
+    batch = tf.shape(keys)[0]
+    start = tf.convert_to_tensor(self.pointer)
+
+    def write(queue, k, p):
+      return queue.scatter_update(tf.IndexedSlices(k, p + tf.range(tf.shape(k)[0])))
+
+    def advance(pointer, b):
+      return pointer.assign((pointer + b) % self.size)
+
+    distribute.update_replicated(write, [self.keys], keys, start)
+    distribute.update_replicated(advance, [self.pointer], batch)
+
+
+class MoCoV2(base.WithTarget):
+  """Query encoder + 2-layer MLP head; key encoder by EMA (constant
+  `momentum`); negatives from a queue of `queue_size` keys, enqueued from
+  the whole global batch after each step.
+
+  One direction (the reference): queries from view 1, keys from view 2.
+  BatchNorm: the key encoder runs in training mode with the same BN as the
+  query encoder (synchronised with --sync_bn), not the reference's
+  Shuffle-BN, whose result depends on the replica count; docs/recipes.md,
+  "MoCo v2", says why.
+  """
+  name = "moco_v2"
+  metric_names = ("contrast_acc", "contrast_entropy")
+  default_head = "mlp"
+  cosine = False
+
+  @dataclasses.dataclass(frozen=True)
+  class Config:
+    temperature: float = 0.2
+    momentum: float = 0.999
+    queue_size: int = 65536
+
+    def __post_init__(self):
+      if not self.temperature > 0:
+        raise ValueError(f"--temperature={self.temperature}: must be positive.")
+      if not 0 <= self.momentum < 1:
+        raise ValueError(f"--moco_momentum={self.momentum}: must be in [0, 1).")
+      if self.queue_size < 1:
+        raise ValueError(f"--moco_queue_size={self.queue_size}: must be >= 1.")
+
+  def __init__(self, config=None, **kwargs):
+    super().__init__(config, **kwargs)
+    b, k = self.global_batch_size, self.config.queue_size
+    if b and k % b:
+      raise ValueError(
+          f"--moco_queue_size={k} must be a multiple of --global_batch_size={b} "
+          f"(each step enqueues a whole batch), e.g. {max(b, k // b * b)}.")
+
+  @property
+  def base_momentum(self):
+    return self.config.momentum
+
+  def online_layers(self, backbone):
+    del backbone
+    head = self.projector()
+    return {"projection_head": head,
+            "queue": KeyQueue(self.config.queue_size, head.output_dim)}
+
+  def optimizer_exclusions(self):
+    # The reference decays every parameter (SGD, wd 1e-4), BN and biases
+    # included; only the online probe is left out.
+    return (r"(^|/)(head|probe_head|linear_head)/",)
+
+  def forward(self, model, views, labels):
+    del labels
+    v1, v2 = views[:, 0], views[:, 1]
+    features = model.backbone(v1, training=True)["features"]
+    q = model.projection_head(features, training=True)["projection"]
+    k = self.target_projection(model, v2)
+    loss, metrics = losses.moco(q, k, model.queue.keys, self.config.temperature)
+    keys = tf.math.l2_normalize(tf.cast(k, tf.float32), axis=1)
+    return base.StepOutput(loss, metrics, features, {"keys": keys})
+
+  def after_update(self, model, state, step):
+    del step
+    model.queue.push(distribute.cross_replica_concat(state["keys"]))
