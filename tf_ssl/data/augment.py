@@ -9,8 +9,9 @@ A SimCLR view is made in two stages so that each runs where it is cheapest:
      images (in-memory arrays) the pipeline crops whole batches instead
      (`crop_batch`: the same bilinear taps as tf.image.resize, as gathers).
   2. `distort` (flip, colour jitter in random order with p=0.8, grayscale
-     p=0.2, Gaussian blur p=0.5 with per-image sigma): random parameters are
-     drawn per image, and the pixel work is one XLA-compiled function on
+     p=0.2, Gaussian blur p=0.5 with per-image sigma; optionally BYOL's
+     per-view blur and solarisation rates): random parameters are drawn
+     per image, and the pixel work is one XLA-compiled function on
      colour planes, run on whole batches by the pipeline (batch_level).
      Views above 64 px go one at a time, conditionals running only each
      view's chosen ops; smaller ones all at once with per-image selects.
@@ -21,6 +22,7 @@ with a seed is deterministic.
 """
 
 import math
+import numbers
 
 import tensorflow as tf
 
@@ -156,14 +158,31 @@ def _window_and_boxes(record, boxes_fn):
   return window, boxes
 
 
+def _probabilities(name, p, num_views):
+  """A probability (float) or one per view (tuple); validated."""
+  scalar = isinstance(p, numbers.Real)
+  try:
+    values = (float(p),) if scalar else tuple(float(v) for v in p)
+  except (TypeError, ValueError):
+    raise ValueError(f"{name}={p!r} must be a number or one per view.") from None
+  if not scalar and len(values) != num_views:
+    raise ValueError(f"{name}={p!r} needs one probability per view ({num_views}).")
+  if not all(0. <= v <= 1. for v in values):
+    raise ValueError(f"{name}={p!r}: probabilities must be in [0, 1].")
+  return values[0] if scalar else values
+
+
 class SimCLRAugment:
-  """SimCLR v1/v2 (and SupCon) training views.
+  """SimCLR v1/v2 (and SupCon) training views; BYOL's with `asymmetric`.
+
+  Views are ordered [B, V, ...]: flattened, row r is view r % V of its
+  image, which is what the per-view probabilities index.
 
   Args:
     image_size: output side in pixels (views are square).
     color_strength: jitter strength s (1.0 ImageNet, 0.5 CIFAR).
     version: 1 (additive brightness) or 2 (multiplicative brightness).
-    blur: Gaussian blur p=0.5; None means on at image_size >= 96.
+    blur: Gaussian blur on or off; None means on at image_size >= 96.
     crop_area: (min, max) crop area fraction; SupCon may raise the minimum.
     num_views: views per image (2 for SimCLR).
     batch_level: run `distort` on whole batches (after batching) rather than
@@ -171,10 +190,21 @@ class SimCLRAugment:
       tools/bench_input.py: one XLA call per batch instead of per example).
       At <= 64 px a batch is distorted with per-image selects, above one
       view at a time with conditionals.
+    jitter: None (the maxima follow color_strength: brightness, contrast,
+      saturation 0.8s, hue 0.2s) or four per-op maxima (brightness,
+      contrast, saturation, hue), e.g. BYOL's (0.4, 0.4, 0.2, 0.1): factors
+      in [max(0, 1 - m), 1 + m], hue delta (and v1 brightness delta) in
+      [-m, m].
+    blur_prob: probability of blurring a view (when `blur` is on), or a
+      tuple of one per view (BYOL: (1.0, 0.1)).
+    solarize_prob: probability of solarising a view (x -> 1 - x where
+      x >= 0.5), or one per view (BYOL: (0.0, 0.2)). It comes last, after
+      grayscale and blur, as in BYOL; 0 adds no op.
   """
 
   def __init__(self, image_size, color_strength=1.0, version=2, blur=None,
-               crop_area=(0.08, 1.0), num_views=2, batch_level=None):
+               crop_area=(0.08, 1.0), num_views=2, batch_level=None, *,
+               jitter=None, blur_prob=0.5, solarize_prob=0.0):
     if version not in (1, 2):
       raise ValueError(f"SimCLR version must be 1 or 2, got {version}.")
     if not 0 < crop_area[0] <= crop_area[1] <= 1:
@@ -188,6 +218,38 @@ class SimCLRAugment:
     self.batch_level = True if batch_level is None else bool(batch_level)
     # 10% of the side, made odd as the reference does.
     self.blur_kernel = 2 * (self.image_size // 10 // 2) + 1
+    self.jitter = None if jitter is None else color.per_op_strengths(jitter)
+    self.blur_prob = _probabilities("blur_prob", blur_prob, self.num_views)
+    self.solarize_prob = _probabilities("solarize_prob", solarize_prob,
+                                        self.num_views)
+
+  @classmethod
+  def asymmetric(cls, image_size, color_strength=0.5, blur=None,
+                 crop_area=(0.08, 1.0), version=2, batch_level=None):
+    """BYOL's two asymmetric views (the BYOL paper's augmentation table,
+    which MoCo v3 also uses).
+
+    Both views: random resized crop, flip p=0.5, jitter p=0.8 in random
+    order with maxima (0.8s, 0.8s, 0.4s, 0.2s) for brightness, contrast,
+    saturation, hue (s = color_strength; 0.5 gives the published 0.4, 0.4,
+    0.2, 0.1), grayscale p=0.2. Then Gaussian blur (sigma U[0.1, 2], kernel
+    10% of the side) with p=1.0 on view 1 and 0.1 on view 2, and
+    solarisation with p=0.0 on view 1 and 0.2 on view 2; values stay in
+    [0, 1]. blur=None means on at image_size >= 96, as in the constructor
+    (pass blur=True to blur small images too). version=2 is multiplicative
+    brightness.
+    """
+    s = float(color_strength)
+    return cls(image_size, color_strength=s, version=version, blur=blur,
+               crop_area=crop_area, num_views=2, batch_level=batch_level,
+               jitter=(0.8 * s, 0.8 * s, 0.4 * s, 0.2 * s),
+               blur_prob=(1.0, 0.1), solarize_prob=(0.0, 0.2))
+
+  def _per_view(self, p, n):
+    """p as the threshold of n coins: a number, or [n] by view (r % V)."""
+    if not isinstance(p, tuple):
+      return p
+    return tf.gather(tf.constant(p, tf.float32), tf.range(n) % self.num_views)
 
   def crop_views(self, record, seed):
     """Per example: {"image"|"encoded"} -> float32 [V, S, S, 3] crops in [0, 1]."""
@@ -218,7 +280,8 @@ class SimCLRAugment:
                               self.image_size, 3])
 
   def distort(self, views, seed):
-    """Flip, jitter (p=0.8), grayscale (p=0.2), blur (p=0.5) on [..., S, S, 3].
+    """Flip, jitter (p=0.8), grayscale (p=0.2), blur (blur_prob),
+    solarisation (solarize_prob) on [..., S, S, 3].
 
     The random parameters are drawn here; the pixel work runs as one
     XLA-compiled function on colour planes (fused, vectorised loops instead
@@ -235,10 +298,18 @@ class SimCLRAugment:
     s = tf.random.experimental.stateless_split(seed, 6)
     coin = lambda i, p: tf.random.stateless_uniform([n], s[i]) < p
     flip, gray = coin(0, 0.5), coin(3, 0.2)
-    params = color.sample_jitter(s[1], n, self.color_strength, self.version)
+    strength = self.color_strength if self.jitter is None else self.jitter
+    params = color.sample_jitter(s[1], n, strength, self.version)
     jitter = coin(2, 0.8)
-    blur = coin(4, 0.5) if self.blur else tf.zeros([n], tf.bool)
+    blur = (coin(4, self._per_view(self.blur_prob, n)) if self.blur
+            else tf.zeros([n], tf.bool))
     sigma = tf.random.stateless_uniform([n], s[5], 0.1, 2.0)
+    sol = None
+    if self.solarize_prob not in (0., (0.,) * self.num_views):
+      # A seed of its own: the draws above stay those of solarize_prob=0.
+      u = tf.random.stateless_uniform(
+          [n], tf.random.experimental.stateless_fold_in(seed, 1))
+      sol = u < self._per_view(self.solarize_prob, n)
     if self.batch_level and self.image_size <= 64:
       x = tf.clip_by_value(x * scale, 0., 1.) if scale != 1. else x
       x = _distort_batch(x, flip, params, jitter, gray, self.version)
@@ -247,9 +318,11 @@ class SimCLRAugment:
         blurred = color.gaussian_blur(tf.gather_nd(x, chosen),
                                       tf.gather_nd(sigma, chosen), self.blur_kernel)
         x = tf.tensor_scatter_nd_update(x, chosen, blurred)
+      if sol is not None:  # last: after grayscale and blur, as the recipe
+        x = _solarize_batch(x, sol)
     else:
       x = _distort_each(x, flip, params, jitter, gray, blur, sigma,
-                        self.version, self.blur_kernel, scale)
+                        self.version, self.blur_kernel, scale, sol)
     return tf.reshape(x, shape)
 
   def __call__(self, record, seed):
@@ -271,20 +344,31 @@ def _distort_batch(x, flip, params, jitter, gray, version):
 
 
 @tf.function(jit_compile=True)
+def _solarize_batch(x, solarize):
+  """Solarises the images of [N, S, S, 3] where solarize [N]; XLA (one fused
+  pass: unfused, the selects cost more than the rest of a 32 px batch)."""
+  return tf.where(solarize[:, None, None, None], color.solarize(x), x)
+
+
+@tf.function(jit_compile=True)
 def _distort_each(x, flip, params, jitter, gray, blur, sigma, version,
-                  kernel_size, scale):
-  """Scale to [0, 1] (x * scale, clipped), flip, jitter, grayscale, blur one
-  view at a time; XLA, on planes.
+                  kernel_size, scale, solarize=None):
+  """Scale to [0, 1] (x * scale, clipped), flip, jitter, grayscale, blur and
+  (where `solarize` [N], if given) solarise one view at a time; XLA, on
+  planes.
 
   Only jitter and blur sit behind conditionals (they are the costly ops;
-  each conditional writes its planes out once). Flip and grayscale are
-  selects fused into the final write of the view. Both commute with blur
-  (a symmetric kernel with symmetric zero padding; a per-pixel linear map
-  that keeps 0 at 0), so doing them after it gives the recipe's result.
+  each conditional writes its planes out once). Flip, grayscale and
+  solarisation are selects fused into the final write of the view. Flip
+  and grayscale commute with blur (a symmetric kernel with symmetric zero
+  padding; a per-pixel linear map that keeps 0 at 0), so doing them after
+  it gives the recipe's result; solarisation, which commutes with neither
+  blur nor grayscale, comes after both, as in the recipe (flip commutes
+  with it).
   """
   order = tf.cast(params["order"], tf.int32)
 
-  def one(v, f, b, c, sa, h, o, j, g, bl, sg):
+  def one(v, f, b, c, sa, h, o, j, g, bl, sg, so=None):
     if scale != 1.:
       v = tf.clip_by_value(v * scale, 0., 1.)
     rgb = tuple(v[..., k] for k in range(3))
@@ -294,11 +378,15 @@ def _distort_each(x, flip, params, jitter, gray, blur, sigma, version,
     rgb = tf.cond(bl, lambda: color.blur_one(rgb, sg, kernel_size),
                   lambda: rgb)
     grey = color.grayscale_planar(rgb)
-    out = tf.stack([tf.where(g, grey, k) for k in rgb], axis=-1)
+    planes = [tf.where(g, grey, k) for k in rgb]
+    if so is not None:
+      planes = [tf.where(so, k2, k)
+                for k2, k in zip(color.solarize_planar(planes), planes)]
+    out = tf.stack(planes, axis=-1)
     return tf.where(f, tf.reverse(out, [1]), out)
   elems = (x, flip, params["brightness"], params["contrast"],
            params["saturation"], params["hue"], order, jitter, gray, blur,
-           sigma)
+           sigma) + (() if solarize is None else (solarize,))
   if x.shape[0] is not None and x.shape[0] <= 8:  # unrolled: no loop bookkeeping
     return tf.stack([one(*[e[i] for e in elems]) for i in range(x.shape[0])])
   return tf.map_fn(lambda e: one(*e), elems, fn_output_signature=x.dtype)

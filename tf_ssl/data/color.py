@@ -4,13 +4,17 @@ Each op takes float32 images [N, H, W, 3] in [0, 1] and one parameter per
 image ([N]), and clips to [0, 1] after itself, as the SimCLR reference does
 after every jitter op (docs/recipes.md). tests/test_data_augment.py checks each,
 for the same parameters, against the tf.image op applied to one image at a
-time, to within 2/255.
+time, to within 2/255. solarize (BYOL's) has no parameter; the caller picks
+the images it applies to.
 
 Why not tf.image directly: its adjust_* ops take one scalar for the whole
 batch, and one map call per image costs more in op dispatch than the
 arithmetic at small sizes. The planar variants further down are what the
 augmentation runs under XLA (augment.distort); they compute the same ops.
 """
+
+import math
+import numbers
 
 import tensorflow as tf
 
@@ -74,6 +78,12 @@ def grayscale(x):
   return tf.tile(tf.image.rgb_to_grayscale(x), [1, 1, 1, 3])
 
 
+def solarize(x, threshold=0.5):
+  """BYOL's solarisation: x -> 1 - x where x >= threshold. At 0.5 it is
+  PIL's ImageOps.solarize at 128 on 8-bit values (i / 255)."""
+  return tf.where(x >= threshold, 1. - x, x)
+
+
 def gaussian_kernels(sigma, kernel_size):
   """Normalised 1-D Gaussian taps [N, kernel_size], one row per sigma."""
   radius = kernel_size // 2
@@ -110,23 +120,51 @@ def _blur(x, sigma, kernel_size):
   return tf.transpose(tf.reshape(y, [h, w, n, 3]), [2, 0, 1, 3])
 
 
-def sample_jitter(seed, n, strength, version=2):
-  """Draws per-image jitter parameters for strength s (docs/recipes.md).
+def per_op_strengths(values):
+  """Four per-op jitter maxima (brightness, contrast, saturation, hue) as a
+  tuple of floats; ValueError unless four finite non-negative numbers."""
+  try:
+    out = tuple(float(v) for v in values)
+  except (TypeError, ValueError):
+    out = ()
+  if len(out) != NUM_JITTER_OPS or not all(0. <= v < math.inf for v in out):
+    raise ValueError(f"jitter={values!r} must be 4 non-negative numbers "
+                     "(brightness, contrast, saturation, hue).")
+  return out
 
-  Returns a dict of [N] tensors: brightness (v2: factor in
-  [max(0, 1-0.8s), 1+0.8s]; v1: additive delta in [-0.8s, 0.8s]), contrast
-  and saturation factors in [max(0, 1-0.8s), 1+0.8s], hue delta in
-  [-0.2s, 0.2s], and order [N, 4], a random permutation of the four ops.
+
+def jitter_strengths(strength):
+  """The four jitter maxima (brightness, contrast, saturation, hue).
+
+  A number s stands for SimCLR's (0.8s, 0.8s, 0.8s, 0.2s) (docs/recipes.md);
+  a sequence of four non-negative numbers gives each op its own (BYOL's
+  (0.4, 0.4, 0.2, 0.1), for instance).
+  """
+  if isinstance(strength, numbers.Real):
+    s = float(strength)
+    return (0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)
+  return per_op_strengths(strength)
+
+
+def sample_jitter(seed, n, strength, version=2):
+  """Draws per-image jitter parameters (docs/recipes.md).
+
+  strength is SimCLR's s or four per-op maxima (b, c, sa, h); see
+  jitter_strengths (s means (0.8s, 0.8s, 0.8s, 0.2s)). Returns a dict of
+  [N] tensors: brightness (v2: factor in [max(0, 1-b), 1+b]; v1: additive
+  delta in [-b, b]), contrast and saturation factors in [max(0, 1-c), 1+c]
+  and [max(0, 1-sa), 1+sa], hue delta in [-h, h], and order [N, 4], a
+  random permutation of the four ops.
   """
   seeds = tf.random.experimental.stateless_split(seed, 5)
-  lo, hi = max(0., 1. - 0.8 * strength), 1. + 0.8 * strength
-  u = lambda i, a, b: tf.random.stateless_uniform([n], seeds[i], a, b)
+  b, c, sa, h = jitter_strengths(strength)
+  factor = lambda m: (max(0., 1. - m), 1. + m)
+  u = lambda i, a, z: tf.random.stateless_uniform([n], seeds[i], a, z)
   return {
-      "brightness": u(0, lo, hi) if version == 2 else u(0, -0.8 * strength,
-                                                        0.8 * strength),
-      "contrast": u(1, lo, hi),
-      "saturation": u(2, lo, hi),
-      "hue": u(3, -0.2 * strength, 0.2 * strength),
+      "brightness": u(0, *factor(b)) if version == 2 else u(0, -b, b),
+      "contrast": u(1, *factor(c)),
+      "saturation": u(2, *factor(sa)),
+      "hue": u(3, -h, h),
       "order": tf.argsort(tf.random.stateless_uniform(
           [n, NUM_JITTER_OPS], seeds[4]), axis=1, stable=True),
   }
@@ -214,6 +252,11 @@ def grayscale_planar(rgb):
   """rgb_to_grayscale's weights, on planes; returns the grey plane."""
   r, g, b = rgb
   return 0.2989 * r + 0.5870 * g + 0.1140 * b
+
+
+def solarize_planar(rgb, threshold=0.5):
+  """solarize on planes; returns the three planes."""
+  return tuple(solarize(c, threshold) for c in rgb)
 
 
 def color_jitter_dense(rgb, params, apply, version=2):
