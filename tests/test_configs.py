@@ -23,6 +23,7 @@ import pytest
 import tensorflow as tf
 
 from tf_ssl import flags as tf_ssl_flags
+from tf_ssl import methods
 from tf_ssl import optim
 from tf_ssl import train
 from tf_ssl.data import augment
@@ -62,6 +63,29 @@ PUBLISHED = {
         global_batch_size=1024, train_epochs=1000, peak_lr=1.0 * 1024 / 256,
         weight_decay=1e-4, temperature=0.5, proj_layers=2, color_strength=0.5,
         blur=False, simclr_version=1, method="simclr", optimizer="lars"),
+    # BYOL paper, Table 1 and its appendix: 1000 epochs, 0.2 * B / 256, wd
+    # 1.5e-6, target 0.996 -> 1, projector/predictor 4096 -> 256.
+    "byol_imagenet.cfg": dict(
+        dataset="tfds:imagenet2012", backbone="resnet50", image_size=224,
+        global_batch_size=4096, train_epochs=1000, peak_lr=0.2 * 4096 / 256,
+        warmup_epochs=10, weight_decay=1.5e-6, method="byol", optimizer="lars",
+        byol_momentum=0.996, byol_pred_hidden_dim=4096, proj_hidden_dim=4096,
+        proj_dim=256, proj_head="byol", crop_min_area=0.08),
+    # facebookresearch/moco README and main_moco.py with --mlp --aug-plus --cos.
+    "mocov2_imagenet.cfg": dict(
+        dataset="tfds:imagenet2012", backbone="resnet50", image_size=224,
+        global_batch_size=256, train_epochs=200, peak_lr=0.03, warmup_epochs=0,
+        weight_decay=1e-4, temperature=0.2, method="moco_v2", optimizer="sgd",
+        moco_momentum=0.999, moco_queue_size=65536, proj_hidden_dim=2048,
+        proj_dim=128, proj_head="mlp", crop_min_area=0.2, color_strength=0.5,
+        blur=True),
+    # facebookresearch/moco-v3 CONFIG.md, ResNet-50 100 epochs.
+    "mocov3_imagenet.cfg": dict(
+        dataset="tfds:imagenet2012", backbone="resnet50", image_size=224,
+        global_batch_size=4096, train_epochs=100, peak_lr=0.6 * 4096 / 256,
+        warmup_epochs=10, weight_decay=1e-6, temperature=1.0, method="moco_v3",
+        optimizer="lars", moco_momentum=0.99, proj_hidden_dim=4096, proj_dim=256,
+        proj_head="moco_v3", crop_min_area=0.2),
     "supcon_cifar10.cfg": dict(
         dataset="tfds:cifar10", backbone="resnet50", image_size=32,
         global_batch_size=1024, train_epochs=1000, peak_lr=0.5,
@@ -189,7 +213,11 @@ def test_pretrain_config_matches_the_published_recipe(name, parse):
                                  blur=config.data.blur).blur,
       simclr_version=config.data.simclr_version,
       crop_min_area=config.data.crop_min_area, method=config.method,
-      optimizer=config.optimizer)
+      optimizer=config.optimizer, proj_hidden_dim=config.model.proj_hidden_dim,
+      proj_dim=config.model.proj_dim, proj_head=config.model.proj_head)
+  # The method's own options, by their flag names (byol_momentum, ...).
+  values.update({methods.flag_name(config.method, k): v
+                 for k, v in config.method_options.items()})
   peak = config.learning_rate
   if config.lr_scaling != "none":
     peak = optim.scale_learning_rate(peak, config.global_batch_size,

@@ -206,3 +206,37 @@ def test_knn_monitor_runs_the_backbone_on_the_strategys_replicas(strategy_2):
                                batch_size=8, exclude_self=True)()
   assert 0.0 <= accuracy <= 1.0
   assert seen and set(seen) == {2}, seen
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, extra", [
+    ("byol", ["--byol_pred_hidden_dim=32"]),
+    ("moco_v2", ["--moco_queue_size=32"]),
+])
+def test_momentum_methods_train_log_their_schedule_and_initialise_finetuning(
+    tmp_path, image_folder, method, extra):
+  """The trainer runs a method it does not know by name; the method's
+  momentum is logged beside the learning rate; fine-tuning --init takes its
+  representation from the workdir."""
+  workdir = tmp_path / "run"
+  result = _run(_command(workdir, image_folder, f"--method={method}", "--train_steps=4",
+                         "--final_eval_examples=16", *extra))
+  assert result.returncode == 0, result.stderr[-3000:]
+  results = json.loads((workdir / "results.json").read_text())
+  assert results["train_steps"] == 4 and "knn_top1" in results
+  history = [json.loads(l) for l in (workdir / "history.jsonl").read_text().splitlines()]
+  momentum = [h[f"{method}_momentum"] for h in history if f"{method}_momentum" in h]
+  if method == "byol":  # 0.996 -> 1 by cosine.
+    assert momentum and 0.996 <= min(momentum) < max(momentum) <= 1.0
+  else:  # MoCo v2: constant.
+    assert momentum and all(m == pytest.approx(0.999) for m in momentum)
+  finetune = subprocess.run(
+      [sys.executable, "-m", "tf_ssl.finetune", f"--workdir={tmp_path / 'ft'}",
+       f"--dataset=folder:{image_folder}", "--mode=linear", "--train_steps=2",
+       "--backbone=resnet18", "--image_size=16", "--small_image_stem=true",
+       "--global_batch_size=8", "--export=false", f"--init={workdir}"],
+      cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), capture_output=True,
+      text=True, timeout=600)
+  assert finetune.returncode == 0, finetune.stderr[-3000:]
+  init = json.loads((tmp_path / "ft" / "results.json").read_text())["init"]
+  assert init["kind"] == "checkpoint" and init["restored"] > 0

@@ -48,7 +48,7 @@ class BYOL(base.WithTarget):
                                         self.config.pred_hidden_dim)}
 
   def augment(self, data):
-    return augment.asymmetric(
+    return augment.SimCLRAugment.asymmetric(
         data.image_size, color_strength=data.color_strength, blur=data.blur,
         crop_area=(data.crop_min_area, 1.0))
 

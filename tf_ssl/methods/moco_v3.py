@@ -50,7 +50,7 @@ class MoCoV3(base.WithTarget):
                                         last_bn=False)}
 
   def augment(self, data):
-    return augment.asymmetric(
+    return augment.SimCLRAugment.asymmetric(
         data.image_size, color_strength=data.color_strength, blur=data.blur,
         crop_area=(data.crop_min_area, 1.0))
 
