@@ -26,8 +26,14 @@ SMALLER = [
      "pipeline.pretrain_dataset(strategy, source, 16, views)"),
     (0, "augment.SimCLRAugment(32, ", "augment.SimCLRAugment(16, "),
     (0, "steps_per_epoch=100, epochs=10", "steps_per_epoch=2, epochs=2"),
+    (1, 'build_backbone("resnet18", ', 'build_backbone("resnet18x0.25", '),
+    (1, "hidden_dim=1024, output_dim=256", "hidden_dim=32, output_dim=16"),
+    (1, "pipeline.pretrain_dataset(strategy, source, 256, byol_views)",
+     "pipeline.pretrain_dataset(strategy, source, 16, byol_views)"),
+    (1, "SimCLRAugment.asymmetric(32)", "SimCLRAugment.asymmetric(16)"),
+    (1, "steps_per_epoch=100, epochs=10", "steps_per_epoch=2, epochs=2"),
 ]
-# Runs after snippet i: the export that snippet i + 1 loads.
+# Runs after snippet i: the export that a later snippet loads.
 GLUE = {0: 'from tf_ssl import export as _export\n'
            '_export.export_saved_model(model, "runs/fm/saved_model")\n'}
 
@@ -39,7 +45,7 @@ def snippets():
 
 def test_every_readme_snippet_runs(tmp_path):
   code = snippets()
-  assert len(code) >= 2, "README.md lost its Python examples"
+  assert len(code) >= 3, "README.md lost its Python examples"
   for index, old, new in SMALLER:
     assert old in code[index], f"README snippet {index} no longer has {old!r}"
     code[index] = code[index].replace(old, new)
