@@ -1,8 +1,11 @@
 """tools/bench_train.py: the FLOP count against hand counts and published
-figures, one tiny configuration end to end, and the report's arithmetic.
+figures, one tiny configuration end to end, and the report's arithmetic;
+the --methods mode's configurations, a tiny run of it end to end (with the
+hooks really off in the no-hooks run) and its report's arithmetic.
 No timing assertions."""
 
 import os
+import re
 import sys
 
 import pytest
@@ -101,3 +104,124 @@ def test_cpu_description_names_the_bf16_instructions(tmp_path):
   cpuinfo.write_text("model name\t: Other\nflags\t\t: amx_bf16 amx_tile\n")
   assert "amx_bf16: yes, avx512_bf16: no" in bench_train.cpu_description(str(cpuinfo))
   assert "unknown" in bench_train.cpu_description(str(tmp_path / "missing"))
+
+
+# ---------------------------------------------------------------- --methods
+
+@pytest.fixture
+def flags_reset():
+  """method_config parses the process-wide FLAGS; other tests start from
+  the defaults again."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  yield
+  flags.FLAGS.unparse_flags()
+
+
+def test_method_config_is_the_default_at_its_size(flags_reset):  # pylint: disable=redefined-outer-name,unused-argument
+  del flags_reset
+  configs = {name: bench_train.method_config(name, 128)
+             for name in ("simclr", "supcon", "byol", "moco_v2", "moco_v3")}
+  for config in configs.values():
+    assert config.global_batch_size == 128
+    assert config.data.image_size == 28
+    assert (config.model.backbone, config.model.small_image_stem) == (
+        "resnet18x0.25", True)
+    assert (config.model.proj_layers, config.model.proj_hidden_dim,
+            config.model.proj_dim, config.model.sync_bn) == (2, 512, 128, False)
+    assert config.optimizer == "lars"
+    assert not config.run.mixed_precision
+  # The file's temperature is SimCLR's; every other method keeps its own.
+  assert configs["simclr"].method_options == {"temperature": 0.2}
+  assert configs["supcon"].method_options == {}
+  assert configs["moco_v2"].method_options == {"queue_size": 4096}
+  assert configs["byol"].method_options == {"pred_hidden_dim": 512}
+  assert configs["moco_v3"].method_options == {"pred_hidden_dim": 512}
+  assert bench_train.method_config("moco_v2", 24).method_options == {
+      "queue_size": 4080}
+  assert bench_train.method_config("simclr", 8, "bf16").run.mixed_precision
+
+
+def test_methods_info_marks_the_methods_with_hooks():
+  info = bench_train.methods_info()
+  assert {n for n, i in info.items() if i["hooks"]} == {
+      "byol", "moco_v2", "moco_v3"}
+  assert info["supcon"]["needs_labels"] and not info["simclr"]["needs_labels"]
+
+
+def test_methods_mode_end_to_end(monkeypatch, capsys):
+  # Tiny: batch 8, 2 warm-up + 2 timed steps, one round; SimCLR, BYOL with
+  # hooks and BYOL without, each in its own subprocess. The registry is
+  # read in this process (the driver asks a subprocess otherwise).
+  monkeypatch.setattr(bench_train, "registered_methods",
+                      bench_train.methods_info)
+  monkeypatch.setattr(sys, "argv", [
+      "bench_train.py", "--methods", "simclr,byol", "--batch", "8",
+      "--warmup", "2", "--timed", "2", "--rounds", "1"])
+  results = bench_train.main()
+  out = capsys.readouterr().out
+  lines = out.strip().splitlines()
+
+  assert set(results) == {("simclr", True), ("byol", True), ("byol", False)}
+  for runs in results.values():
+    assert len(runs) == 1 and len(runs[0]["times"]) == 2
+    assert runs[0]["loss"] > 0
+  assert results[("byol", True)][0]["options"] == {
+      "momentum": 0.996, "pred_hidden_dim": 512}
+  # The hooks write the target; without them it keeps its initial weights.
+  assert results[("byol", True)][0]["target_change"] > 0
+  assert results[("byol", False)][0]["target_change"] == 0
+  assert results[("simclr", True)][0]["target_change"] is None
+  assert "CHECK FAILED" not in out
+
+  rows = {tuple(l.split()[:2]): l.split() for l in lines
+          if l.split()[:1] in (["simclr"], ["byol"])}
+  assert set(rows) == {("simclr", "-"), ("byol", "on"), ("byol", "off")}
+  assert rows[("simclr", "-")][4] == "1.00"  # vs simclr
+  for row in rows.values():
+    assert float(row[2]) > 0 and float(row[3]) > 0  # images/s, step s
+  match = re.fullmatch(
+      r"method_ratios byol=(\d+\.\d\d) hooks_overhead_max=(-?\d+\.\d+)",
+      lines[-1])
+  assert match, lines[-1]
+  assert match.group(1) == rows[("byol", "on")][4]
+  assert float(match.group(2)) == pytest.approx(
+      float(rows[("byol", "on")][5]), abs=1e-3)
+
+
+def _fake_method(name, hooks, steps, target=None, queue=None, batch=128):
+  return [{"job": dict(method=name, hooks=hooks, batch=batch, dtype="fp32"),
+           "times": [s, s * 1.2, s * 0.9], "cpu_times": [2 * s] * 3,
+           "loss": 1.0, "target_change": target, "queue_change": queue,
+           "model": "m", "head": "h", "options": {}} for s in steps]
+
+
+def test_report_methods_arithmetic(capsys):
+  results = {
+      ("simclr", True): _fake_method("simclr", True, [0.6, 0.5]),
+      ("byol", True): _fake_method("byol", True, [1.1], 0.1),
+      ("byol", False): _fake_method("byol", False, [1.0], 0.0),
+      ("moco_v2", True): _fake_method("moco_v2", True, [0.8], 0.1, 0.5),
+      ("moco_v2", False): _fake_method("moco_v2", False, [0.78, 0.75], 0.0,
+                                       0.0),
+  }
+  out = bench_train.report_methods(results)
+  lines = capsys.readouterr().out.strip().splitlines()
+  # Best rounds: simclr 0.5 s, byol 1.1 / 1.0, moco_v2 0.8 / 0.75.
+  assert out["ratios"] == pytest.approx(
+      {"simclr": 1.0, "byol": 0.5 / 1.1, "moco_v2": 0.5 / 0.8})
+  assert out["hooks_overhead"] == pytest.approx(
+      {"byol": 0.1, "moco_v2": 0.8 / 0.75 - 1})
+  assert lines[-1] == (f"method_ratios byol={0.5 / 1.1:.2f} "
+                       f"moco_v2={0.5 / 0.8:.2f} hooks_overhead_max="
+                       f"{max(0.1, 0.8 / 0.75 - 1):.3f}")
+  assert not any("CHECK FAILED" in l for l in lines)
+  # A no-hooks run whose target moved, or a run with hooks whose queue
+  # did not, is reported.
+  results[("byol", False)] = _fake_method("byol", False, [1.0], 0.2)
+  results[("moco_v2", True)] = _fake_method("moco_v2", True, [0.8], 0.1, 0.0)
+  bench_train.report_methods(results)
+  checks = [l for l in capsys.readouterr().out.splitlines()
+            if l.startswith("CHECK FAILED")]
+  assert len(checks) == 2
+  assert "byol hooks off: the target changed" in checks[0]
+  assert "moco_v2 hooks on: the queue did not change" in checks[1]

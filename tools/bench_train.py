@@ -3,6 +3,11 @@
     .venv/bin/python tools/bench_train.py                  # the whole table
     .venv/bin/python tools/bench_train.py --quick          # fewer steps
     .venv/bin/python tools/bench_train.py --configs r18_32_fp32,r18_32_bf16
+    .venv/bin/python tools/bench_train.py --methods all    # one row per method
+    .venv/bin/python tools/bench_train.py --methods simclr,byol --dtype bf16
+
+With --methods, the speed of every pretraining method at the embedded
+default's size instead ("Methods mode" below).
 
 Configurations (issue 5, "Speed"): ResNet-18 with the CIFAR stem at 32px,
 batch 256, and ResNet-50 at 224px, batch 32, each in float32 and in mixed
@@ -34,6 +39,51 @@ The last line is `peak_fraction_r50_224=<x> bf16_speedup_r50_224=<y>`: x is
 the float32 ResNet-50 224px peak fraction (the better of jit and no jit), y is
 the best bfloat16 images/s over the best float32 images/s of that model.
 Targets (issue 5): x >= 0.55, y >= 2.
+
+Methods mode (issue 13, --methods all or a comma-separated list of
+tf_ssl.methods names; all = every registered method, SupCon included since
+the batch is labelled; SimCLR is always added, as the reference). Each
+method's model is the trainer's at the embedded default's size: the
+configuration is configs/simclr_fashion_mnist.cfg parsed with the trainer's
+flags (ResNet-18 x0.25 with the small stem at 28 px, global batch 128, a
+2-layer projector 512 wide with 128 out, no sync BN, LARS with the file's
+schedule), then tf_ssl.train's build_method, build_model (a 10-class online
+probe) and build_optimizer, compiled without jit and with one step per
+execution (the file's 26 only group steps into one call). `--method` is
+replaced by each method's name; the file's method options
+(its temperature) are SimCLR's and are dropped for every other method, which
+runs with its own defaults except two: MoCo v2's queue holds 4096 keys (32
+batches of 128, about 7% of Fashion-MNIST's 60000 training images, as the
+reference's 65536 are 5% of ImageNet; the default 65536 would be more than
+an epoch of stale keys), and BYOL's and MoCo v3's predictors are 512 wide
+(the projector's width). --batch overrides the batch (the queue then
+holds the largest multiple of it up to 4096).
+
+Timed: `model.train_function` on one fixed in-memory batch {"views":
+[B, 2, 28, 28, 3] float32, "label": [B]}, each step ended by reading the
+loss, float32 unless --dtype bf16 (mixed bfloat16, set before any layer is
+made; it replaces the file's --mixed_precision). Every (method, hooks) pair
+is its own subprocess; the first steps are warm-up (3, or 2 with --quick;
+--warmup sets it) and a round's step time is the median of the timed steps
+(10, or 3 with --quick; --timed sets it); 2 rounds (1 with --quick), the
+second in reverse order, each pair reporting its faster round. images/s =
+B / step time, and "vs simclr" is a method's images/s over SimCLR's in the
+same run.
+
+The split of a method with a target network (BYOL, MoCo v2, MoCo v3: those
+whose class overrides `before_step` or `after_update`) is measured by a
+second subprocess that runs the same step with both hooks replaced by no-ops
+on that method instance before the train function is first traced: no EMA
+of the target, no enqueue, everything else (the target's forward passes
+included) unchanged. hooks_overhead = step time with hooks / step time
+without - 1: what the EMA and the enqueue add beyond the target's extra
+forward; issue 13 requires it to be at most 0.10. Each run also reports
+the largest change of the target's averaged weights and of the queue over
+the run, so the table shows that the no-hooks run really leaves them alone.
+
+The last line is `method_ratios byol=<r> ... hooks_overhead_max=<h>`: r is
+each method's images/s over SimCLR's (every method but SimCLR, in the order
+given), h the largest hooks_overhead (nan without a target-network method).
 """
 
 import argparse
@@ -196,6 +246,155 @@ def run_matmul(repeats, dtypes=("float32", "bfloat16")):
   return out
 
 
+# ------------------------------------------------------ methods mode: subprocess
+
+DEFAULT_CFG = os.path.join(_ROOT, "configs", "simclr_fashion_mnist.cfg")
+FASHION_MNIST_TRAIN = 60000  # The schedules' length; no data is read.
+FASHION_MNIST_CLASSES = 10
+# (warm-up steps, timed steps) of one method's subprocess.
+METHOD_STEPS = {"full": (3, 10), "quick": (2, 3)}
+MOCO_QUEUE = 4096  # 32 batches of 128 (the module docstring says why).
+PRED_HIDDEN = 512  # BYOL and MoCo v3 predictors: the projector's width.
+REFERENCE_METHOD = "simclr"
+
+
+def methods_info():
+  """{name: {"hooks": bool, "needs_labels": bool}} of every registered
+  method, in registry order; hooks: the class overrides `before_step` or
+  `after_update` (a target's EMA, a queue's enqueue)."""
+  from tf_ssl import methods  # pylint: disable=g-import-not-at-top
+  base = methods.Method
+  return {name: {"hooks": (cls.before_step is not base.before_step or
+                           cls.after_update is not base.after_update),
+                 "needs_labels": bool(cls.needs_labels)}
+          for name, cls in methods.REGISTRY.items()}
+
+
+def queue_size(batch):
+  """MOCO_QUEUE rounded down to a multiple of the batch (at least one)."""
+  return max(batch, MOCO_QUEUE // batch * batch)
+
+
+def method_config(name, batch, dtype="fp32"):
+  """The PretrainConfig of `name` at the embedded default's size.
+
+  DEFAULT_CFG parsed with the trainer's flags, with --method=name, the
+  batch, the dtype, and the benchmark's method options; the file's method
+  options are SimCLR's and are dropped for every other method. Parses the
+  process-wide absl FLAGS (from their defaults): meant for the benchmark's
+  subprocess.
+  """
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from tf_ssl import flags as tf_ssl_flags  # pylint: disable=g-import-not-at-top
+  from tf_ssl import methods  # pylint: disable=g-import-not-at-top
+  fields = {f.name for f in dataclasses.fields(methods.get(name).Config)}
+  options = {}
+  if "queue_size" in fields:
+    options["queue_size"] = queue_size(batch)
+  if "pred_hidden_dim" in fields:
+    options["pred_hidden_dim"] = PRED_HIDDEN
+  given = {methods.flag_name(name, k): v for k, v in options.items()}
+  flags.FLAGS.unparse_flags()  # From the defaults, whatever was parsed before.
+  flags.FLAGS(["bench_train", f"--flagfile={DEFAULT_CFG}",
+               "--workdir=unused", f"--method={name}",
+               f"--global_batch_size={batch}",
+               f"--mixed_precision={dtype == 'bf16'}"] +
+              [f"--{flag}={value}" for flag, value in given.items()])
+  if name != REFERENCE_METHOD:
+    for flag in methods.flag_owners():
+      if flag not in given and flags.FLAGS[flag].present:
+        flags.FLAGS[flag].unparse()
+  return tf_ssl_flags.pretrain_config()
+
+
+def _no_op(*args, **kwargs):
+  del args, kwargs
+
+
+def _hooked_variables(model):
+  """{"target": [...], "queue": [...]}: the variables only the hooks write
+  (the target's averaged weights; the queue's keys)."""
+  from tf_ssl.models import ema  # pylint: disable=g-import-not-at-top
+  target = []
+  for online, tgt in model.method.targets(model):
+    target += ema.paired_variables([online], [tgt])[1]
+  queue = []
+  if hasattr(model, "queue"):  # The keys, not the write pointer.
+    queue = [v for v in model.queue.variables if v.dtype.startswith("float")]
+  return {"target": target, "queue": queue}
+
+
+def _max_change(before, variables):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  if not variables:
+    return None
+  return max(float(np.max(np.abs(np.asarray(v.numpy(), np.float64) - b)))
+             for v, b in zip(variables, before))
+
+
+def run_method(job):
+  """Builds, warms up and times one (method, hooks) job; returns a dict.
+
+  job: {"method", "hooks", "batch", "dtype", "warmup", "timed"}; hooks
+  False replaces the method's `before_step` and `after_update` by no-ops on
+  its instance before the train function is first traced.
+  """
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import keras  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tf_ssl import runner  # pylint: disable=g-import-not-at-top
+  from tf_ssl import train  # pylint: disable=g-import-not-at-top
+  b = job["batch"]
+  config = method_config(job["method"], b, job["dtype"])
+  if job["dtype"] == "bf16":
+    # Before any layer exists: the policy is read when a layer is made.
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+  keras.utils.set_random_seed(0)
+  steps_per_epoch = max(1, FASHION_MNIST_TRAIN // b)
+  total_steps = config.train_steps or runner.whole_executions(
+      config.train_epochs * steps_per_epoch, config.run.steps_per_execution)
+  method = train.build_method(config, total_steps)
+  if not job["hooks"]:
+    method.before_step = _no_op
+    method.after_update = _no_op
+  model = train.build_model(config, FASHION_MNIST_CLASSES, method)
+  optimizer, _ = train.build_optimizer(config, steps_per_epoch, total_steps,
+                                       method.optimizer_exclusions())
+  model.compile(optimizer=optimizer, jit_compile=False)
+  optimizer.build(model.trainable_variables)
+  watched = _hooked_variables(model)
+  before = {k: [np.asarray(v.numpy(), np.float64) for v in vs]
+            for k, vs in watched.items()}
+  s = config.data.image_size
+  rng = np.random.default_rng(0)
+  data = {"views": tf.constant(rng.uniform(size=(b, 2, s, s, 3)), tf.float32),
+          "label": tf.constant(rng.integers(0, FASHION_MNIST_CLASSES, b),
+                               tf.int64)}
+  model.make_train_function()
+  times, cpu = [], []
+  for step in range(job["warmup"] + job["timed"]):
+    start, cpu_start = time.perf_counter(), time.process_time()
+    logs = model.train_function([data])
+    loss = float(logs["loss"])
+    if step >= job["warmup"]:
+      times.append(time.perf_counter() - start)
+      cpu.append(time.process_time() - cpu_start)
+  if not np.isfinite(loss):
+    raise FloatingPointError(f"loss {loss} in {job}")
+  m = config.model
+  return {"times": times, "cpu_times": cpu, "loss": loss,
+          "target_change": _max_change(before["target"], watched["target"]),
+          "queue_change": _max_change(before["queue"], watched["queue"]),
+          "model": (f"{m.backbone} {s}px (small stem {m.small_image_stem}), "
+                    f"projector {m.proj_layers} layers {m.proj_hidden_dim}->"
+                    f"{m.proj_dim}, sync_bn {m.sync_bn}, {config.optimizer}"),
+          "head": m.proj_head,
+          "options": dataclasses.asdict(method.config),
+          "params": int(model.count_params())}
+
+
 # --------------------------------------------------------------------- driver
 
 def cpu_description(cpuinfo="/proc/cpuinfo"):
@@ -235,18 +434,35 @@ def _subprocess(args):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true",
-                      help="1 warm-up and 2 timed steps (a smoke run).")
-  parser.add_argument("--configs", default=",".join(CONFIGS),
-                      help="comma-separated names out of: " + ", ".join(CONFIGS))
+                      help="1 warm-up and 2 timed steps (--methods: 2 and 3), "
+                      "one round (a smoke run).")
+  parser.add_argument("--configs", default=None,
+                      help="comma-separated names out of: " + ", ".join(CONFIGS)
+                      + " (default: all of them).")
+  parser.add_argument("--methods", default=None,
+                      help="methods mode: 'all' or comma-separated tf_ssl.methods "
+                      "names; one row per method at configs/simclr_fashion_mnist"
+                      ".cfg's size (simclr, the reference, is always added).")
+  parser.add_argument("--dtype", default=None, choices=("fp32", "bf16"),
+                      help="methods mode: float32 (default) or mixed bfloat16.")
+  parser.add_argument("--warmup", type=int, default=0,
+                      help="methods mode: warm-up steps per run (default "
+                      f"{METHOD_STEPS['full'][0]}, --quick {METHOD_STEPS['quick'][0]}).")
+  parser.add_argument("--timed", type=int, default=0,
+                      help="methods mode: timed steps per run (default "
+                      f"{METHOD_STEPS['full'][1]}, --quick {METHOD_STEPS['quick'][1]}).")
   parser.add_argument("--batch", type=int, default=0,
                       help="override every configuration's batch (development).")
   parser.add_argument("--rounds", type=int, default=0,
-                      help="rounds over the configurations (default 2, "
-                      "--quick 1); each configuration reports its best.")
+                      help="rounds over the configurations or methods "
+                      "(default 2, --quick 1); each reports its best.")
   parser.add_argument("--no_sync_bn", action="store_true",
                       help="plain BN instead of the trainer's default sync BN.")
   parser.add_argument("--_one", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--_matmul", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--_method", default=None, help=argparse.SUPPRESS)
+  parser.add_argument("--_methods_info", action="store_true",
+                      help=argparse.SUPPRESS)
   args = parser.parse_args()
   warmup, timed = STEPS["quick" if args.quick else "full"]
 
@@ -256,8 +472,25 @@ def main():
   if args._one:  # pylint: disable=protected-access
     print(json.dumps(run_config(json.loads(args._one), warmup, timed)))  # pylint: disable=protected-access
     return
+  if args._method:  # pylint: disable=protected-access
+    print(json.dumps(run_method(json.loads(args._method))))  # pylint: disable=protected-access
+    return
+  if args._methods_info:  # pylint: disable=protected-access
+    print(json.dumps(methods_info()))
+    return
+  if args.methods is not None:
+    if args.configs is not None or args.no_sync_bn:
+      parser.error("--methods takes the default's configuration; drop "
+                   "--configs and --no_sync_bn.")
+    if args.batch < 0 or args.warmup < 0 or args.timed < 0 or args.rounds < 0:
+      parser.error("--batch, --warmup, --timed and --rounds must be >= 0.")
+    return main_methods(args, parser)
+  for name in ("dtype", "warmup", "timed"):
+    if getattr(args, name):
+      parser.error(f"--{name} is an option of --methods.")
 
-  names = [n.strip() for n in args.configs.split(",") if n.strip()]
+  names = [n.strip() for n in (args.configs or ",".join(CONFIGS)).split(",")
+           if n.strip()]
   for name in names:
     if name not in CONFIGS:
       parser.error(f"--configs: unknown {name!r}; choose from {', '.join(CONFIGS)}.")
@@ -282,6 +515,138 @@ def main():
             "s/step", flush=True)
   peaks.append(_subprocess(passthrough + ["--_matmul"]))
   report(peaks, results)
+
+
+# ------------------------------------------------------- methods mode: driver
+
+def registered_methods():
+  """methods_info() from a subprocess: the driver never imports TensorFlow."""
+  return _subprocess(["--_methods_info"])
+
+
+def main_methods(args, parser):
+  """--methods: one subprocess per (method, hooks) pair and round; prints
+  the table and the `method_ratios ...` line; returns the results."""
+  info = registered_methods()
+  if args.methods.strip() == "all":
+    names = list(info)
+  else:
+    names = [n.strip() for n in args.methods.split(",") if n.strip()]
+    for name in names:
+      if name not in info:
+        parser.error(f"--methods: unknown {name!r}; choose from "
+                     f"{', '.join(info)} or all.")
+  if REFERENCE_METHOD not in names:
+    names.insert(0, REFERENCE_METHOD)
+  names = list(dict.fromkeys(names))
+  mode = "quick" if args.quick else "full"
+  warmup = args.warmup or METHOD_STEPS[mode][0]
+  timed = args.timed or METHOD_STEPS[mode][1]
+  rounds = args.rounds or ROUNDS[mode]
+  batch = args.batch or 128
+  dtype = args.dtype or "fp32"
+  jobs = []
+  for name in names:
+    jobs.append((name, True))
+    if info[name]["hooks"]:
+      jobs.append((name, False))
+  print(f"Pretraining methods' train step on CPU ({os.cpu_count()} cores) at "
+        f"{os.path.relpath(DEFAULT_CFG, _ROOT)}'s size, batch {batch}, {dtype}: "
+        f"{rounds} round(s), alternating the order, of one subprocess per "
+        f"method and hooks on/off with {warmup} warm-up + {timed} timed steps; "
+        "a run's figure is its fastest round's median step.", flush=True)
+  print(cpu_description(), flush=True)
+  results = {job: [] for job in jobs}
+  for r in range(rounds):
+    for name, hooks in jobs if r % 2 == 0 else jobs[::-1]:
+      job = dict(method=name, hooks=hooks, batch=batch, dtype=dtype,
+                 warmup=warmup, timed=timed)
+      result = _subprocess(["--_method", json.dumps(job)])
+      result["job"] = job
+      results[(name, hooks)].append(result)
+      print(f"  round {r + 1} {name} hooks {'on' if hooks else 'off'}: "
+            f"{statistics.median(result['times']):.3f} s/step", flush=True)
+  report_methods(results)
+  return results
+
+
+def _change(value):
+  return "-" if value is None else f"{value:.1e}"
+
+
+def report_methods(results):
+  """Prints the methods table and, last, the `method_ratios ...` line.
+
+  Args:
+    results: (method, hooks) -> a list (one per round) of run_method's
+      results, each with its "job"; hooks False: the no-hooks run of a
+      target-network method. Must hold (REFERENCE_METHOD, True).
+
+  Returns:
+    {"ratios": {method: images/s over the reference's}, "hooks_overhead":
+    {method: step with hooks / step without - 1}}.
+  """
+  rows = {}
+  for key, runs in results.items():
+    medians = [statistics.median(r["times"]) for r in runs]
+    best = runs[medians.index(min(medians))]
+    step = min(medians)
+    rows[key] = dict(
+        run=best, step=step, ips=best["job"]["batch"] / step, medians=medians,
+        low=min(min(r["times"]) for r in runs),
+        high=max(max(r["times"]) for r in runs),
+        cpu_wall=statistics.median(best["cpu_times"]) / step)
+  ref = rows[(REFERENCE_METHOD, True)]
+  first = ref["run"]
+  print(f"model: {first['model']}; batch {first['job']['batch']}, "
+        f"{first['job']['dtype']}.")
+  ratios, overhead = {}, {}
+  header = (f"{'method':<10}{'hooks':>6}{'images/s':>10}{'step s':>9}"
+            f"{'vs simclr':>10}{'hooks_overhead':>15}  note")
+  print(header)
+  print("-" * len(header))
+  checks = []
+  for (name, hooks), row in rows.items():
+    ratio = row["ips"] / ref["ips"]
+    has_split = (name, not hooks) in rows
+    over = ""
+    if hooks:
+      ratios[name] = ratio
+      if has_split:
+        overhead[name] = row["step"] / rows[(name, False)]["step"] - 1
+        over = f"{overhead[name]:+.3f}"
+    run = row["run"]
+    state = "on" if hooks else "off"
+    if not has_split and hooks:
+      state = "-"  # The method has no hooks.
+    target, queue = run["target_change"], run["queue_change"]
+    for what, change in (("target", target), ("queue", queue)):
+      if change is not None and (change > 0) != hooks:
+        checks.append(f"CHECK FAILED: {name} hooks {state}: the {what} "
+                      f"{'did not change' if hooks else 'changed'} (max "
+                      f"|change| {change:.1e}).")
+    options = ", ".join([f"head {run['head']}"] +
+                        [f"{k}={v}" for k, v in run["options"].items()])
+    note = (f"round medians {'/'.join(f'{m:.3f}' for m in row['medians'])} s, "
+            f"steps {row['low']:.3f}-{row['high']:.3f} s, "
+            f"cpu/wall {row['cpu_wall']:.2f}, max |change| target "
+            f"{_change(target)} queue {_change(queue)}; {options}")
+    print(f"{name:<10}{state:>6}{row['ips']:>10.1f}{row['step']:>9.3f}"
+          f"{ratio:>10.2f}{over:>15}  {note}")
+  print("vs simclr = images/s over SimCLR's in this run (one image = two "
+        "views). hooks off: the same step with before_step and after_update "
+        "as no-ops (the target's forward passes stay); hooks_overhead = step "
+        "with hooks / step without - 1, the EMA and enqueue alone (issue 13: "
+        "<= 0.10). max |change| = the largest change over the run of the "
+        "target's averaged weights and of the queue (0 when no hook wrote "
+        "them).")
+  for line in checks:
+    print(line)
+  parts = [f"{name}={ratio:.2f}" for name, ratio in ratios.items()
+           if name != REFERENCE_METHOD]
+  h = f"{max(overhead.values()):.3f}" if overhead else "nan"
+  print(" ".join(["method_ratios"] + parts + [f"hooks_overhead_max={h}"]))
+  return {"ratios": ratios, "hooks_overhead": overhead}
 
 
 def _flops_per_step(result):
