@@ -1,11 +1,11 @@
-"""Contrastive losses with negatives drawn from every replica.
+"""Self-supervised losses, exact over the global batch of every replica.
 
-Both losses take the LOCAL (per-replica) projections, gather them over all
-replicas with a differentiable all-gather, and reduce over the local anchors
-only. They never divide by the replica count: the train step does that in
-exactly one place (docs/recipes.md, "NT-Xent"; the SimCLR reference's
-tf2/run.py does the same). Outside a replica context they are ordinary
-single-device losses.
+Each loss takes the LOCAL (per-replica) rows, gathers over all replicas with
+a differentiable all-gather where the method contrasts across the batch
+(nt_xent, supcon, moco_v3's keys), and reduces over the local rows only.
+None divides by the replica count: the train step does that in exactly one
+place (docs/recipes.md, "NT-Xent"; the SimCLR reference's tf2/run.py does
+the same). Outside a replica context they are ordinary single-device losses.
 
 Scales follow each method's reference code, which matters under LARS (the
 trust ratio cancels the loss scale for adapted variables but not for the
@@ -14,6 +14,9 @@ before the ratio) and under SGD (it is the learning rate):
   nt_xent: the SUM of the two directions' batch means, loss_a + loss_b, as
     both SimCLR codebases optimise (objective.py, tf2/objective.py).
   supcon: the mean over all anchors (SupContrast's losses.py).
+  byol: one direction's mean of 2 - 2 cos; the method adds both directions.
+  moco: the mean cross-entropy over the queries (MoCo v2's one direction).
+  moco_v3: the mean cross-entropy times 2 * temperature, one direction.
 So `supcon` with distinct labels and two views is HALF of `nt_xent`.
 """
 

@@ -48,9 +48,11 @@ class BYOL(base.WithTarget):
                                         self.config.pred_hidden_dim)}
 
   def augment(self, data):
+    # version=1: BYOL's repository adds a brightness delta (its
+    # _random_brightness); MoCo v3's torchvision multiplies.
     return augment.SimCLRAugment.asymmetric(
         data.image_size, color_strength=data.color_strength, blur=data.blur,
-        crop_area=(data.crop_min_area, 1.0))
+        crop_area=(data.crop_min_area, 1.0), version=1)
 
   def forward(self, model, views, labels):
     del labels
