@@ -3,8 +3,6 @@ replicas (synchronised BN, LARS), its targets' EMA against the closed form,
 the MoCo queue's contents and resume, checkpoint parts, flags, and the
 representation that export and fine-tuning take."""
 
-import dataclasses
-
 import keras
 import numpy as np
 import pytest

@@ -19,6 +19,12 @@ from tf_ssl.data import augment
 from tf_ssl.models import ema
 
 
+def check_option(ok, flag, value, rule):
+  """Raises ValueError "--<flag>=<value>: <rule>" unless ok (Config checks)."""
+  if not ok:
+    raise ValueError(f"--{flag}={value!r}: {rule}")
+
+
 @dataclasses.dataclass(frozen=True)
 class StepOutput:
   """What `Method.forward` hands back to the train step.
@@ -194,11 +200,15 @@ class WithTarget(Method):
   starts as a copy of the online network, whatever initialised it) and
   `momentum(step)` after. Averaging at the start of step k with the weights
   after update k - 1 is BYOL's average after update k - 1; MoCo's order.
-  Subclasses build "projection_head" in `online_layers` and set
-  `base_momentum` and `cosine` (cosine schedule to 1, or constant).
+  Subclasses build "projection_head" in `online_layers`, have a
+  `momentum` option in their Config and set `cosine` (the cosine schedule
+  from it to 1, or constant).
   """
-  base_momentum = 0.99
   cosine = True
+
+  @property
+  def base_momentum(self):
+    return self.config.momentum
 
   def online_layers(self, backbone):
     """{name: layer} of the online heads; must hold "projection_head"."""

@@ -78,12 +78,12 @@ class MoCoV2(base.WithTarget):
     queue_size: int = 65536
 
     def __post_init__(self):
-      if not self.temperature > 0:
-        raise ValueError(f"--temperature={self.temperature}: must be positive.")
-      if not 0 <= self.momentum < 1:
-        raise ValueError(f"--moco_momentum={self.momentum}: must be in [0, 1).")
-      if self.queue_size < 1:
-        raise ValueError(f"--moco_queue_size={self.queue_size}: must be >= 1.")
+      base.check_option(self.temperature > 0, "temperature", self.temperature,
+                        "must be positive.")
+      base.check_option(0 <= self.momentum < 1, "moco_momentum", self.momentum,
+                        "must be in [0, 1).")
+      base.check_option(self.queue_size >= 1, "moco_queue_size", self.queue_size,
+                        "must be >= 1.")
 
   def __init__(self, config=None, **kwargs):
     super().__init__(config, **kwargs)
@@ -92,10 +92,6 @@ class MoCoV2(base.WithTarget):
       raise ValueError(
           f"--moco_queue_size={k} must be a multiple of --global_batch_size={b} "
           f"(each step enqueues a whole batch), e.g. {max(b, k // b * b)}.")
-
-  @property
-  def base_momentum(self):
-    return self.config.momentum
 
   def online_layers(self, backbone):
     del backbone

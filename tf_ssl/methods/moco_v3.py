@@ -32,16 +32,12 @@ class MoCoV3(base.WithTarget):
     pred_hidden_dim: int = 0  # 0: the projector's hidden width.
 
     def __post_init__(self):
-      if not self.temperature > 0:
-        raise ValueError(f"--temperature={self.temperature}: must be positive.")
-      if not 0 <= self.momentum < 1:
-        raise ValueError(f"--moco_momentum={self.momentum}: must be in [0, 1).")
-      if self.pred_hidden_dim < 0:
-        raise ValueError(f"--moco_pred_hidden_dim={self.pred_hidden_dim}: must be >= 0.")
-
-  @property
-  def base_momentum(self):
-    return self.config.momentum
+      base.check_option(self.temperature > 0, "temperature", self.temperature,
+                        "must be positive.")
+      base.check_option(0 <= self.momentum < 1, "moco_momentum", self.momentum,
+                        "must be in [0, 1).")
+      base.check_option(self.pred_hidden_dim >= 0, "moco_pred_hidden_dim",
+                        self.pred_hidden_dim, "must be >= 0.")
 
   def online_layers(self, backbone):
     return {"projection_head": self.projector(),

@@ -29,8 +29,8 @@ class SimCLR(base.Method):
     temperature: float = 0.1
 
     def __post_init__(self):
-      if not self.temperature > 0:
-        raise ValueError(f"--temperature={self.temperature}: must be positive.")
+      base.check_option(self.temperature > 0, "temperature", self.temperature,
+                        "must be positive.")
 
   def layers(self, backbone, make_backbone):
     del backbone, make_backbone

@@ -8,6 +8,7 @@ import dataclasses
 import tensorflow as tf
 
 from tf_ssl import losses
+from tf_ssl.methods import base
 from tf_ssl.methods import simclr
 
 
@@ -25,8 +26,8 @@ class SupCon(simclr.SimCLR):
     denominator: str = "all"
 
     def __post_init__(self):
-      if not self.temperature > 0:
-        raise ValueError(f"--temperature={self.temperature}: must be positive.")
+      base.check_option(self.temperature > 0, "temperature", self.temperature,
+                        "must be positive.")
 
   def contrastive_loss(self, projection, labels, num_views):
     if labels is None:

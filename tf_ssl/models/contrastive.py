@@ -6,7 +6,6 @@ these included, runs on tf_ssl.models.ssl_model.SSLModel.
 """
 
 from tf_ssl import methods
-from tf_ssl.methods.base import views_major as _views_major  # pylint: disable=unused-import
 from tf_ssl.models.ssl_model import SSLModel
 
 METHODS = ("simclr", "supcon")
