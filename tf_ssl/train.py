@@ -21,12 +21,12 @@ from tf_ssl import callbacks
 from tf_ssl import checkpoints
 from tf_ssl import evaluate
 from tf_ssl import flags as tf_ssl_flags
+from tf_ssl import methods
 from tf_ssl import optim
 from tf_ssl import plots
 from tf_ssl import runner
 from tf_ssl.data import pipeline
 from tf_ssl.data import sources
-from tf_ssl import methods
 from tf_ssl.models import build_backbone
 from tf_ssl.models.ssl_model import SSLModel
 

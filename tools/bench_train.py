@@ -188,19 +188,23 @@ def _build(cfg):
   return model, macs
 
 
-def run_config(cfg, warmup, timed):
-  """Builds, warms up and times one configuration; returns a result dict."""
+def _fixed_batch(batch, size, classes):
+  """The in-memory batch every timed step sees: {"views" [B, 2, S, S, 3],
+  "label" [B]}, from a fixed seed."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  model, macs = _build(cfg)
   rng = np.random.default_rng(0)
-  b, s = cfg["batch"], cfg["size"]
-  data = {"views": tf.constant(rng.uniform(size=(b, 2, s, s, 3)), tf.float32),
-          "label": tf.constant(rng.integers(0, cfg["classes"], b), tf.int64)}
+  return {"views": tf.constant(rng.uniform(size=(batch, 2, size, size, 3)),
+                               tf.float32),
+          "label": tf.constant(rng.integers(0, classes, batch), tf.int64)}
+
+
+def _time_steps(model, data, warmup, timed, what):
+  """Runs `model.train_function` warmup + timed times on `data`; returns
+  (wall times, cpu times) of the timed steps, each ended by reading the
+  loss, and the last loss (an error naming `what` if it is not finite)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
   model.make_train_function()
-  # The float32 peak is also measured next to every configuration: the
-  # machine's load drifts, and the best of all measurements is the peak.
-  peaks = [run_matmul(MATMUL_REPEATS_PER_CONFIG, ("float32",))]
   times, cpu = [], []
   for step in range(warmup + timed):
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -210,7 +214,18 @@ def run_config(cfg, warmup, timed):
       times.append(time.perf_counter() - start)
       cpu.append(time.process_time() - cpu_start)
   if not np.isfinite(loss):
-    raise FloatingPointError(f"loss {loss} in {cfg}")
+    raise FloatingPointError(f"loss {loss} in {what}")
+  return times, cpu, loss
+
+
+def run_config(cfg, warmup, timed):
+  """Builds, warms up and times one configuration; returns a result dict."""
+  model, macs = _build(cfg)
+  data = _fixed_batch(cfg["batch"], cfg["size"], cfg["classes"])
+  # The float32 peak is also measured next to every configuration: the
+  # machine's load drifts, and the best of all measurements is the peak.
+  peaks = [run_matmul(MATMUL_REPEATS_PER_CONFIG, ("float32",))]
+  times, cpu, loss = _time_steps(model, data, warmup, timed, cfg)
   del model, data
   peaks.append(run_matmul(MATMUL_REPEATS_PER_CONFIG, ("float32",)))
   return {"times": times, "cpu_times": cpu, "macs": macs, "loss": loss,
@@ -343,7 +358,6 @@ def run_method(job):
   import dataclasses  # pylint: disable=g-import-not-at-top
   import keras  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tf_ssl import runner  # pylint: disable=g-import-not-at-top
   from tf_ssl import train  # pylint: disable=g-import-not-at-top
   b = job["batch"]
@@ -368,21 +382,8 @@ def run_method(job):
   before = {k: [np.asarray(v.numpy(), np.float64) for v in vs]
             for k, vs in watched.items()}
   s = config.data.image_size
-  rng = np.random.default_rng(0)
-  data = {"views": tf.constant(rng.uniform(size=(b, 2, s, s, 3)), tf.float32),
-          "label": tf.constant(rng.integers(0, FASHION_MNIST_CLASSES, b),
-                               tf.int64)}
-  model.make_train_function()
-  times, cpu = [], []
-  for step in range(job["warmup"] + job["timed"]):
-    start, cpu_start = time.perf_counter(), time.process_time()
-    logs = model.train_function([data])
-    loss = float(logs["loss"])
-    if step >= job["warmup"]:
-      times.append(time.perf_counter() - start)
-      cpu.append(time.process_time() - cpu_start)
-  if not np.isfinite(loss):
-    raise FloatingPointError(f"loss {loss} in {job}")
+  data = _fixed_batch(b, s, FASHION_MNIST_CLASSES)
+  times, cpu, loss = _time_steps(model, data, job["warmup"], job["timed"], job)
   m = config.model
   return {"times": times, "cpu_times": cpu, "loss": loss,
           "target_change": _max_change(before["target"], watched["target"]),
