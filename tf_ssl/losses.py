@@ -1,11 +1,17 @@
 """Self-supervised losses, exact over the global batch of every replica.
 
-Each loss takes the LOCAL (per-replica) rows, gathers over all replicas with
-a differentiable all-gather where the method contrasts across the batch
-(nt_xent, supcon, moco_v3's keys), and reduces over the local rows only.
-None divides by the replica count: the train step does that in exactly one
-place (docs/recipes.md, "NT-Xent"; the SimCLR reference's tf2/run.py does
-the same). Outside a replica context they are ordinary single-device losses.
+Each loss takes the LOCAL (per-replica) rows. Where the method contrasts
+across the batch (nt_xent, supcon, moco_v3's keys) it gathers over all
+replicas with a differentiable all-gather and reduces over the local rows.
+Where it needs a statistic of the global batch (sinkhorn's sums, the DINO
+centre, the standardisation and cross-correlation of barlow_twins, the
+variance and covariance of vicreg) it sums over replicas with an all-reduce,
+whose gradient in TensorFlow is the all-reduce of the upstream gradients, so
+such a term has the same value and the same input gradients on any number of
+replicas. None divides by the replica count: the train step does that in
+exactly one place (docs/recipes.md, "NT-Xent"; the SimCLR reference's
+tf2/run.py does the same). Outside a replica context, or with one replica,
+they are ordinary single-device losses.
 
 Scales follow each method's reference code, which matters under LARS (the
 trust ratio cancels the loss scale for adapted variables but not for the
@@ -17,8 +23,20 @@ before the ratio) and under SGD (it is the learning rate):
   byol: one direction's mean of 2 - 2 cos; the method adds both directions.
   moco: the mean cross-entropy over the queries (MoCo v2's one direction).
   moco_v3: the mean cross-entropy times 2 * temperature, one direction.
+  swav: the mean cross-entropy of ONE (codes crop, predicted crop) pair; the
+    method averages the pairs as SwAV's main_swav.py does (docs/recipes.md,
+    "SwAV").
+  dino: the mean cross-entropy of ONE (teacher crop, student crop) pair; the
+    method averages the pairs as DINO's DINOLoss does ("DINO").
+  barlow_twins: the whole global loss, sum (1 - C_ii)^2 + lambd * sum C_ij^2,
+    the same value on every replica (the Barlow Twins main.py; "Barlow
+    Twins"). No scale factor (its early --scale-loss is gone).
+  vicreg: 25 * invariance + 25 * variance + 1 * covariance with the variance
+    term HALVED as in VICReg's main_vicreg.py, not the paper ("VICReg").
 So `supcon` with distinct labels and two views is HALF of `nt_xent`.
 """
+
+import numbers
 
 import tensorflow as tf
 
@@ -36,9 +54,17 @@ def _normalized(x):
   return tf.math.l2_normalize(tf.cast(x, tf.float32), axis=-1)
 
 
-def _check_temperature(temperature):
-  if not temperature > 0:
-    raise ValueError(f"temperature must be > 0, got {temperature}.")
+def _known(value):
+  """`value` if it is known before running (a number or a constant tensor),
+  else None: a scheduled hyper-parameter (DINO's teacher temperature) may be
+  a tensor computed in the graph, which is not checked."""
+  return tf.get_static_value(value)
+
+
+def _check_temperature(temperature, name="temperature"):
+  t = _known(temperature)
+  if t is not None and not t > 0:
+    raise ValueError(f"{name} must be > 0, got {temperature}.")
 
 
 def nt_xent(z1, z2, temperature):
@@ -241,10 +267,10 @@ def supcon(features, labels, temperature, base_temperature=0.07,
   return loss, {"contrast_acc": acc, "contrast_entropy": entropy}
 
 
-def _check_pair(name, a, b, a_name, b_name):
+def _check_pair(name, a, b, a_name, b_name, shape="[B, D]"):
   if a.shape.rank != 2 or a.shape != b.shape:
     raise ValueError(f"{name} needs {a_name}, {b_name} of the same shape "
-                     f"[B, D]; got {a.shape} and {b.shape}.")
+                     f"{shape}; got {a.shape} and {b.shape}.")
 
 
 def _contrast_metrics(logits, positive):
@@ -379,3 +405,380 @@ def moco_v3(q, k, temperature):
       tf.nn.sparse_softmax_cross_entropy_with_logits(labels=positive,
                                                      logits=logits))
   return loss, _contrast_metrics(logits, positive)
+
+
+# ------------------------------------------- global statistics (all-reduce)
+def _all_reduce_sum(x):
+  """The sum of x over all replicas; x itself outside a replica context or
+  with one replica. Differentiable: the gradient of an all-reduce sum is the
+  all-reduce sum of the upstream gradients, so when every replica computes a
+  loss from the same global statistic, the train step's one division by the
+  replica count leaves each replica's rows with the gradient of the global
+  loss. A sum without that gradient (the official Barlow Twins code's
+  torch.distributed.all_reduce) gives 1/R of it (lightly-ai/lightly#1977)."""
+  ctx = tf.distribute.get_replica_context()
+  if ctx is None or ctx.num_replicas_in_sync == 1:
+    return x
+  return ctx.all_reduce(tf.distribute.ReduceOp.SUM, x)
+
+
+def _all_reduce_max(x):
+  """The maximum of the scalar x over all replicas, without gradient.
+  tf.distribute.ReduceOp has no MAX: the R scalars are gathered instead."""
+  x = tf.stop_gradient(x)
+  ctx = tf.distribute.get_replica_context()
+  if ctx is None or ctx.num_replicas_in_sync == 1:
+    return x
+  return tf.reduce_max(ctx.all_gather(tf.reshape(x, [1]), axis=0))
+
+
+def _globally_centered(z1, z2):
+  """(z1 - mean1, z2 - mean2, n): float32 [b, D] rows minus the column means
+  over the GLOBAL batch, and the global row count n as a float32 scalar. One
+  all-reduce carries both branches' sums and the row count."""
+  b = tf.cast(tf.shape(z1)[0], tf.float32)
+  sums = _all_reduce_sum(tf.concat(
+      [tf.reduce_sum(z1, axis=0), tf.reduce_sum(z2, axis=0), [b]], axis=0))
+  n = sums[-1]
+  mean1, mean2 = tf.split(sums[:-1] / n, 2)
+  return z1 - mean1, z2 - mean2, n
+
+
+def _entropy(p):
+  """Mean over rows of -sum p log p (0 log 0 = 0), without gradient."""
+  p = tf.stop_gradient(p)
+  return -tf.reduce_mean(tf.reduce_sum(tf.math.xlogy(p, p), axis=1))
+
+
+def _off_diagonal(m):
+  """The square matrices of m with their diagonals set to zero."""
+  return tf.linalg.set_diag(m, tf.zeros_like(tf.linalg.diag_part(m)))
+
+
+# ----------------------------------------------------------------- SwAV
+def sinkhorn(scores, epsilon=0.05, iterations=3, shared_scores=None):
+  """SwAV's equipartitioned soft codes of this replica's rows, over the
+  global batch (docs/recipes.md, "SwAV"; main_swav.py's
+  distributed_sinkhorn).
+
+  With Q = exp(S / epsilon) over the N = B_total rows of the global batch
+  (all replicas' rows, plus the shared rows) and K prototypes, `iterations`
+  Sinkhorn-Knopp steps alternate: each prototype's total over the N rows is
+  scaled to 1/K (a GLOBAL sum, all-reduced), then each row to 1/N (a local
+  sum). The result is multiplied by N, so every returned row sums to 1
+  exactly (up to rounding) and each prototype's total approaches N/K as the
+  iterations go on (3 do not reach it). The reference first divides Q by its
+  global total; that factor cancels exactly in the first prototype step, so
+  it is left out (the same codes, one pass over Q fewer).
+
+  Everything runs in float32 without gradient. The GLOBAL maximum score is
+  subtracted before the exponential: it cancels in the first prototype
+  normalisation and keeps exp(1 / 0.05) = 4.9e8 (for cosine scores) from
+  overflowing. Collectives: one gather of R scalars (the maximum) and one
+  all-reduce of K (+1) values per iteration, so every replica must call it
+  alike (also when its result is then unused). On any number of replicas the
+  codes equal those of one device on the global batch.
+
+  Args:
+    scores: [b, K] scores of this replica's rows against the prototypes,
+      cosines in SwAV (any float dtype; cast to float32, no gradient).
+    epsilon: > 0, the entropic regularisation (0.05; 0.03 against collapse).
+    iterations: >= 1 Sinkhorn-Knopp steps (3).
+    shared_scores: optional [n_q, K] scores of rows that every replica holds
+      identically (SwAV's queue, kept replicated like MoCo's): they take part
+      in every sum exactly once, however many replicas there are, and are not
+      returned.
+
+  Returns:
+    [b, K] float32 codes of this replica's rows, each row summing to 1,
+    without gradient.
+  """
+  _check_temperature(epsilon, "sinkhorn epsilon")
+  if (isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral)
+      or iterations < 1):
+    raise ValueError(f"sinkhorn iterations must be an integer >= 1, got "
+                     f"{iterations!r}.")
+  scores = tf.convert_to_tensor(scores)
+  if scores.shape.rank != 2:
+    raise ValueError(f"sinkhorn needs scores [B, K]; got {scores.shape}.")
+  s = tf.stop_gradient(tf.cast(scores, tf.float32))
+  if shared_scores is None:
+    shared = s[:0]  # no shared rows: [0, K]
+  else:
+    shared = tf.convert_to_tensor(shared_scores)
+    if shared.shape.rank != 2 or shared.shape[1] != scores.shape[1]:
+      raise ValueError(f"sinkhorn needs shared_scores [n_q, K] with the K of "
+                       f"scores ({scores.shape[1]}); got {shared.shape}.")
+    shared = tf.stop_gradient(tf.cast(shared, tf.float32))
+  # Rows are samples and columns prototypes here: the reference's [K, N]
+  # transposed, so prototype sums run over axis 0 and sample sums over axis 1.
+  top = _all_reduce_max(tf.maximum(tf.reduce_max(s), tf.reduce_max(shared)))
+  q = tf.exp((s - top) / epsilon)
+  q_shared = tf.exp((shared - top) / epsilon)
+  k = tf.cast(tf.shape(s)[1], tf.float32)
+  b = tf.cast(tf.shape(s)[0], tf.float32)
+  # The first all-reduce also counts the global rows. The shared rows are
+  # added AFTER it: all-reducing them would count them once per replica.
+  first = _all_reduce_sum(tf.concat([tf.reduce_sum(q, axis=0), [b]], axis=0))
+  n = first[-1] + tf.cast(tf.shape(shared)[0], tf.float32)
+  prototype_sums = first[:-1] + tf.reduce_sum(q_shared, axis=0)
+  for step in range(iterations):
+    if step:
+      prototype_sums = (_all_reduce_sum(tf.reduce_sum(q, axis=0))
+                        + tf.reduce_sum(q_shared, axis=0))
+    q = q / (prototype_sums * k)  # each prototype: total 1/K
+    q_shared = q_shared / (prototype_sums * k)
+    q = q / (tf.reduce_sum(q, axis=1, keepdims=True) * n)  # each row: 1/N
+    q_shared = q_shared / (tf.reduce_sum(q_shared, axis=1, keepdims=True) * n)
+  return tf.stop_gradient(q * n)
+
+
+def swav(scores, codes, temperature=0.1):
+  """SwAV's swapped prediction loss for one pair of crops (docs/recipes.md,
+  "SwAV").
+
+  For each local row i: -sum_k codes_ik * log softmax(scores_i / tau)_k,
+  where `codes` are the Sinkhorn codes of ANOTHER crop of the same image
+  (`sinkhorn`) and get no gradient.
+
+  Scale: the mean over this replica's rows of one pair. The method averages
+  over pairs as the reference does: with V crops and codes from the two
+  global crops a, L = 1/2 sum_a 1/(V - 1) sum_{v != a} swav(s_v, q_a). No
+  gathering: the codes already carry the global batch's equipartition, and
+  the mean over replicas of the per-replica means is the global mean.
+
+  Args:
+    scores: [B, K] scores of the predicted crop against the prototypes
+      (cosines; any float dtype, cast to float32).
+    codes: [B, K] target codes of another crop, row-aligned with scores
+      (cast to float32, wrapped in tf.stop_gradient).
+    temperature: softmax temperature tau > 0 (0.1).
+
+  Returns:
+    (loss, metrics): loss is a float32 scalar. metrics holds float32 scalars
+    without gradient: "entropy", the mean entropy of the codes (ln K when
+    uniform), and "prediction_entropy", that of softmax(scores / tau).
+  """
+  _check_temperature(temperature)
+  scores, codes = tf.convert_to_tensor(scores), tf.convert_to_tensor(codes)
+  _check_pair("swav", scores, codes, "scores", "codes", "[B, K]")
+  codes = tf.stop_gradient(tf.cast(codes, tf.float32))
+  log_p = tf.nn.log_softmax(tf.cast(scores, tf.float32) / temperature, axis=1)
+  loss = -tf.reduce_mean(tf.reduce_sum(codes * log_p, axis=1))
+  return loss, {"entropy": _entropy(codes),
+                "prediction_entropy": _entropy(tf.exp(log_p))}
+
+
+# ----------------------------------------------------------------- DINO
+def _check_center(name, center, k):
+  if tuple(center.shape) not in ((k,), (1, k)):
+    raise ValueError(f"{name} needs a center [K] or [1, K] with the K of the "
+                     f"logits ({k}); got {center.shape}.")
+
+
+def dino(student_logits, teacher_logits, center, student_temperature=0.1,
+         teacher_temperature=0.04):
+  """DINO's self-distillation loss for one pair of crops (docs/recipes.md,
+  "DINO").
+
+  For each local row i: -sum_k P_t[i, k] * log P_s[i, k], with
+  P_t = softmax((teacher_i - center) / teacher_temperature), without
+  gradient (neither the teacher nor the centre is trained by it), and
+  P_s = softmax(student_i / student_temperature). Centring and the sharper
+  teacher temperature together are what keep the teacher from collapsing.
+
+  Scale: the mean over this replica's rows of one (teacher crop, student
+  crop) pair. The method averages the pairs with different crops as the
+  reference's DINOLoss: 2 global and L local crops give 2 (2 + L) - 2 pairs.
+  Nothing is gathered; the centre is updated after the loss with
+  `dino_center`, which averages over the global batch.
+
+  Args:
+    student_logits: [B, K] student head outputs for one crop (any float
+      dtype; cast to float32).
+    teacher_logits: [B, K] teacher head outputs for another crop of the same
+      images, row-aligned (cast to float32, no gradient).
+    center: [K] or [1, K], the running centre of the teacher logits (no
+      gradient).
+    student_temperature: > 0 (0.1).
+    teacher_temperature: > 0 (0.04; warmed up 0.04 -> 0.07 per epoch in the
+      paper's recipe). Either may be a float32 tensor (a schedule).
+
+  Returns:
+    (loss, metrics): loss is a float32 scalar. metrics holds float32 scalars
+    without gradient: "entropy", the mean entropy of the teacher's P_t (ln K
+    means the uniform collapse), and "prediction_entropy", that of P_s.
+  """
+  _check_temperature(student_temperature, "dino student_temperature")
+  _check_temperature(teacher_temperature, "dino teacher_temperature")
+  student, teacher = (tf.convert_to_tensor(student_logits),
+                      tf.convert_to_tensor(teacher_logits))
+  _check_pair("dino", student, teacher, "student_logits", "teacher_logits",
+              "[B, K]")
+  center = tf.convert_to_tensor(center)
+  _check_center("dino", center, student.shape[1])
+  center = tf.stop_gradient(tf.reshape(tf.cast(center, tf.float32), [1, -1]))
+  target = tf.stop_gradient(tf.nn.softmax(
+      (tf.cast(teacher, tf.float32) - center) / teacher_temperature, axis=1))
+  log_p = tf.nn.log_softmax(tf.cast(student, tf.float32) / student_temperature,
+                            axis=1)
+  loss = -tf.reduce_mean(tf.reduce_sum(target * log_p, axis=1))
+  return loss, {"entropy": _entropy(target),
+                "prediction_entropy": _entropy(tf.exp(log_p))}
+
+
+def dino_center(teacher_logits, center, momentum=0.9):
+  """DINO's new centre: momentum * center + (1 - momentum) * the mean of the
+  teacher logits over the GLOBAL batch (docs/recipes.md, "DINO").
+
+  The rows' sum and count are all-reduced together, so every replica
+  returns the same centre, equal to one device's on the global batch. Call
+  it after the loss (which uses the old centre) with the teacher logits of
+  every global crop, e.g. both crops' rows concatenated.
+
+  Args:
+    teacher_logits: [B, K] this replica's teacher outputs (any float dtype;
+      cast to float32, no gradient).
+    center: [K] or [1, K], the current centre.
+    momentum: in [0, 1] (0.9).
+
+  Returns:
+    The new centre, float32, shaped like `center`, without gradient.
+  """
+  m = _known(momentum)
+  if m is not None and not 0 <= m <= 1:
+    raise ValueError(f"dino_center momentum must be in [0, 1], got {momentum}.")
+  teacher = tf.convert_to_tensor(teacher_logits)
+  if teacher.shape.rank != 2:
+    raise ValueError(f"dino_center needs teacher_logits [B, K]; got "
+                     f"{teacher.shape}.")
+  center = tf.convert_to_tensor(center)
+  _check_center("dino_center", center, teacher.shape[1])
+  teacher = tf.stop_gradient(tf.cast(teacher, tf.float32))
+  center = tf.stop_gradient(tf.cast(center, tf.float32))
+  rows = tf.cast(tf.shape(teacher)[0], tf.float32)
+  sums = _all_reduce_sum(tf.concat([tf.reduce_sum(teacher, axis=0), [rows]], 0))
+  mean = tf.reshape(sums[:-1] / sums[-1], tf.shape(center))
+  return tf.stop_gradient(momentum * center + (1.0 - momentum) * mean)
+
+
+# --------------------------------------------------------- Barlow Twins
+# Barlow Twins standardises with an affine-free BatchNorm (PyTorch's eps).
+_BARLOW_EPSILON = 1e-5
+
+
+def barlow_twins(z1, z2, lambd=0.0051):
+  """The Barlow Twins loss over the global batch (docs/recipes.md, "Barlow
+  Twins").
+
+  Each dimension of each branch is standardised over the GLOBAL batch of N
+  rows, with its mean and BIASED variance (an affine-free BatchNorm in
+  training mode, eps 1e-5): z_hat = (z - mean) / sqrt(var + eps). The
+  cross-correlation C = z1_hat^T z2_hat / N is [D, D], and
+  L = sum_i (1 - C_ii)^2 + lambd * sum_{i != j} C_ij^2.
+
+  Replicas: the means and variances come from all-reduced sums; C is the
+  all-reduce of each replica's z1_hat_r^T z2_hat_r, divided by N. Every
+  replica returns the same global value. Because the all-reduces pass
+  gradients, after the train step's division by R the summed gradients are
+  the single-device gradients; the reference's torch.distributed.all_reduce
+  passes none, which gives 1/R of them (lightly-ai/lightly#1977).
+
+  Why all-reduce C rather than gather the rows: each replica multiplies only
+  its own b rows (b D^2 multiply-adds, not the R times larger B D^2), as the
+  reference does. The price is traffic: C and its gradient are D^2 floats
+  each, while gathering both branches moves about 2 B D forward and twice
+  that backward, less whenever B < D (ImageNet: D = 8192, B = 2048). The
+  values and gradients are the same either way.
+
+  Args:
+    z1: [b, D] projections of the first view on this replica (any float
+      dtype; cast to float32). The global batch needs at least 2 rows.
+    z2: [b, D] projections of the second view, row-aligned with z1.
+    lambd: >= 0, the weight of the off-diagonal (redundancy) term; 0.0051
+      in the code (paper: 5e-3).
+
+  Returns:
+    (loss, metrics): loss is a float32 scalar, the global loss, identical on
+    every replica (not divided by the replica count). metrics holds float32
+    scalars without gradient, also global: "on_diag", the mean C_ii, and
+    "off_diag", the root mean square of the C_ij with i != j.
+  """
+  lambd_value = _known(lambd)
+  if lambd_value is not None and not lambd_value >= 0:
+    raise ValueError(f"barlow_twins lambd must be >= 0, got {lambd}.")
+  z1, z2 = tf.convert_to_tensor(z1), tf.convert_to_tensor(z2)
+  _check_pair("barlow_twins", z1, z2, "z1", "z2")
+  c1, c2, n = _globally_centered(tf.cast(z1, tf.float32),
+                                 tf.cast(z2, tf.float32))
+  var = _all_reduce_sum(tf.stack([tf.reduce_sum(tf.square(c1), axis=0),
+                                  tf.reduce_sum(tf.square(c2), axis=0)])) / n
+  z1_hat = c1 * tf.math.rsqrt(var[0] + _BARLOW_EPSILON)
+  z2_hat = c2 * tf.math.rsqrt(var[1] + _BARLOW_EPSILON)
+  c = _all_reduce_sum(tf.matmul(z1_hat, z2_hat, transpose_a=True)) / n
+  on = tf.linalg.diag_part(c)
+  off_sq = tf.reduce_sum(tf.square(_off_diagonal(c)))
+  loss = tf.reduce_sum(tf.square(1.0 - on)) + lambd * off_sq
+  d = tf.cast(tf.shape(c)[0], tf.float32)
+  metrics = {"on_diag": tf.reduce_mean(on),
+             "off_diag": tf.sqrt(tf.math.divide_no_nan(off_sq, d * (d - 1.0)))}
+  return loss, {key: tf.stop_gradient(m) for key, m in metrics.items()}
+
+
+# --------------------------------------------------------------- VICReg
+# Added to the variance under VICReg's square root.
+_VICREG_EPSILON = 1e-4
+
+
+def vicreg(z1, z2, sim_weight=25.0, var_weight=25.0, cov_weight=1.0):
+  """The VICReg loss in its reference code's form (docs/recipes.md,
+  "VICReg").
+
+  - invariance: the mean squared error over this replica's b x D entries;
+  - variance: (v(z1) + v(z2)) / 2 with v(z) = mean_d relu(1 - std_d(z)),
+    std_d = sqrt(unbiased variance over the GLOBAL batch + 1e-4). The
+    reference code halves the sum; the paper's equation does not;
+  - covariance: c(z1) + c(z2) with c(z) = sum_{i != j} Cov(z)_ij^2 / D and
+    Cov(z) = (z - mean)^T (z - mean) / (N - 1) over the GLOBAL batch of N
+    rows ([D, D]);
+  loss = sim_weight * invariance + var_weight * variance
+         + cov_weight * covariance.
+
+  Replicas: the invariance term is local; with equal per-replica batches the
+  mean over replicas of the local means is the global mean. The variance and
+  covariance terms are global values, identical on every replica: the means
+  and each replica's [D, D] centred products are all-reduced (the reference
+  gathers the rows instead; see `barlow_twins` for the trade-off, the same
+  here), and the all-reduce passes gradients, so the train step's division
+  by R gives the single-device gradients.
+
+  Args:
+    z1: [b, D] expander outputs of the first view on this replica (any
+      float dtype; cast to float32). The global batch needs at least 2 rows.
+    z2: [b, D] of the second view, row-aligned with z1.
+    sim_weight, var_weight, cov_weight: the weights (25, 25, 1).
+
+  Returns:
+    (loss, metrics): loss is a float32 scalar (not divided by the replica
+    count). metrics holds the three unweighted terms as float32 scalars
+    without gradient: "invariance" (this replica's), "variance" and
+    "covariance" (global).
+  """
+  z1, z2 = tf.convert_to_tensor(z1), tf.convert_to_tensor(z2)
+  _check_pair("vicreg", z1, z2, "z1", "z2")
+  z1, z2 = tf.cast(z1, tf.float32), tf.cast(z2, tf.float32)
+  invariance = tf.reduce_mean(tf.square(z1 - z2))
+  c1, c2, n = _globally_centered(z1, z2)
+  centered = tf.stack([c1, c2])  # [2, b, D]
+  cov = _all_reduce_sum(tf.matmul(centered, centered, transpose_a=True)) / (
+      n - 1.0)  # [2, D, D]
+  std = tf.sqrt(tf.linalg.diag_part(cov) + _VICREG_EPSILON)  # [2, D]
+  # The mean over both branches and D dimensions: (v(z1) + v(z2)) / 2.
+  variance = tf.reduce_mean(tf.nn.relu(1.0 - std))
+  d = tf.cast(tf.shape(z1)[1], tf.float32)
+  covariance = tf.reduce_sum(tf.square(_off_diagonal(cov))) / d
+  loss = (sim_weight * invariance + var_weight * variance
+          + cov_weight * covariance)
+  metrics = {"invariance": invariance, "variance": variance,
+             "covariance": covariance}
+  return loss, {key: tf.stop_gradient(m) for key, m in metrics.items()}
