@@ -1,5 +1,6 @@
 """Input throughput: tf_ssl's SimCLR pipeline against a reference-style one
-and against Keras 3's own preprocessing layers.
+and against Keras 3's own preprocessing layers, and tf_ssl's multi-crop
+pipeline against its two-view one.
 
     .venv/bin/python tools/bench_input.py [--seconds 20] [--batch 64] [--rounds 2]
 
@@ -17,11 +18,20 @@ RandomFlip, RandomTranslation + RandomZoom (zoom in to 28% of the side: the
 (p=0.2) and, at 224 px, RandomGaussianBlur (p=0.5). Keras has no random
 apply, so its jitter runs on every view (the recipe: p=0.8).
 
+The multi-crop row is SwAV's views (augment.MultiCropAugment.swav: 2
+global crops of area 0.14-1 and 6 local ones of 0.05-0.14, each view
+distorted as SimCLR's) on the same data: 2x224 + 6x96 from the JPEGs
+(blur on every view, p=0.5), 2x32 + 6x16 from the arrays (no blur). One
+image = eight views; its images/s is compared with tf_ssl's two-view
+pipeline.
+
 Each pipeline is measured for --seconds in total, taking turns with the
 others (fresh iterator each round), so load from other users of the machine
 hits all alike. The last line is `speedup_224=<x> speedup_32=<y>
-keras_layers_ratio_32=<z> keras_layers_ratio_224=<w>`: tf_ssl's images/s
-over the reference's, then over the Keras layers'.
+keras_layers_ratio_32=<z> keras_layers_ratio_224=<w>
+multicrop_vs_two_view_32=<u> multicrop_vs_two_view_224=<v>`: tf_ssl's
+images/s over the reference's, then over the Keras layers', then the
+multi-crop pipeline's images/s over the two-view one's.
 """
 
 import argparse
@@ -147,7 +157,8 @@ def images_per_second(ds, batch, seconds):
   while time.perf_counter() - start < seconds:
     b = next(it)
     n += batch
-  float(tf.reduce_sum(b["views"] if isinstance(b, dict) else b))
+  views = b["views"] if isinstance(b, dict) else b  # a dict when multi-crop
+  float(sum(tf.reduce_sum(v) for v in tf.nest.flatten(views)))
   elapsed = time.perf_counter() - start
   del it  # stop its background threads before the next measurement
   gc.collect()
@@ -179,7 +190,7 @@ def main():
   jpegs = [tf.io.encode_jpeg(photo_like(rng), quality=90).numpy()
            for _ in range(args.n_jpegs)]
   arrays = rng.integers(0, 256, (5000, 32, 32, 3), np.uint8)
-  speedup, keras_ratio = {}, {}
+  speedup, keras_ratio, multicrop = {}, {}, {}
   for size, s, data in ((224, 1.0, "jpeg"), (32, 0.5, "arrays")):
     blur = size >= 96
     if data == "jpeg":
@@ -190,14 +201,24 @@ def main():
     layers = keras_dataset(raw, args.batch, size, s, blur, data == "jpeg")
     ours = pipeline.build_pretrain(source, args.batch, augment.SimCLRAugment(
         size, s, version=2, blur=blur), shuffle_buffer=1000, cache=False)
-    r, k, o = compare([ref, layers, ours], args.batch, args.seconds, args.rounds)
-    speedup[size], keras_ratio[size] = o / r, o / k
+    local = 96 if size == 224 else size // 2
+    swav = augment.MultiCropAugment.swav(size, local, 6, color_strength=s,
+                                         blur=blur)
+    multi = pipeline.build_pretrain(source, args.batch, swav,
+                                    shuffle_buffer=1000, cache=False)
+    r, k, o, m = compare([ref, layers, ours, multi], args.batch, args.seconds,
+                         args.rounds)
+    speedup[size], keras_ratio[size], multicrop[size] = o / r, o / k, m / o
     print(f"{size}px ({data}): reference {r:8.1f} img/s   keras layers {k:8.1f} "
           f"img/s   tf_ssl {o:8.1f} img/s   ratio {o / r:.2f} (reference) "
           f"{o / k:.2f} (keras layers)", flush=True)
+    print(f"{size}px ({data}): multi-crop 2x{size} + 6x{local} {m:8.1f} img/s   "
+          f"two-view 2x{size} {o:8.1f} img/s   ratio {m / o:.2f}", flush=True)
   print(f"speedup_224={speedup[224]:.2f} speedup_32={speedup[32]:.2f} "
         f"keras_layers_ratio_32={keras_ratio[32]:.2f} "
-        f"keras_layers_ratio_224={keras_ratio[224]:.2f}")
+        f"keras_layers_ratio_224={keras_ratio[224]:.2f} "
+        f"multicrop_vs_two_view_32={multicrop[32]:.2f} "
+        f"multicrop_vs_two_view_224={multicrop[224]:.2f}")
 
 
 if __name__ == "__main__":

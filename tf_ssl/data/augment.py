@@ -1,4 +1,5 @@
-"""SimCLR / SupCon views, BiT train and eval views, and MixUp (docs/recipes.md).
+"""SimCLR / SupCon (and multi-crop) views, BiT train and eval views, and MixUp
+(docs/recipes.md).
 
 A SimCLR view is made in two stages so that each runs where it is cheapest:
   1. Crops. Per example (`crop_views`): samples the V boxes, decodes only
@@ -17,10 +18,15 @@ A SimCLR view is made in two stages so that each runs where it is cheapest:
      view's chosen ops; smaller ones all at once with per-image selects.
      tests/test_data_fast_paths.py checks both paths give the same views.
 
+Multi-crop views (SwAV, DINO: MultiCropAugment) are groups of views of
+different sizes, each group made by a SimCLRAugment of its own from one
+decode per image.
+
 All randomness is stateless and comes from an explicit seed, so a pipeline
 with a seed is deterministic.
 """
 
+from collections.abc import Mapping
 import math
 import numbers
 
@@ -257,13 +263,23 @@ class SimCLRAugment:
 
   def _crops_255(self, record, seed):
     """crop_views before the scaling to [0, 1] (values in [0, 255])."""
-    def boxes(h, w):
-      return sample_crops(seed, self.num_views, h, w, self.crop_area)
-    window, bxs = _window_and_boxes(record, boxes)
+    window, boxes = _window_and_boxes(
+        record, lambda h, w: self._boxes(seed, h, w))
+    return self._resize_crops(window, boxes)
+
+  def _boxes(self, seed, height, width):
+    """The V crop boxes [V, 4] (offset_y, offset_x, h, w) of one height x
+    width image that _crops_255 cuts (MultiCropAugment samples every group's
+    with it, to decode their union once)."""
+    return sample_crops(seed, self.num_views, height, width, self.crop_area)
+
+  def _resize_crops(self, window, boxes):
+    """The V crops of `window` at `boxes` [V, 4] (relative to the window),
+    resized: float32 [V, S, S, 3] in [0, 255]."""
     return tf.stack([
         tf.image.resize(window[b[0]:b[0] + b[2], b[1]:b[1] + b[3]],
                         [self.image_size, self.image_size], method="bilinear")
-        for b in tf.unstack(bxs, self.num_views)])
+        for b in tf.unstack(boxes, self.num_views)])
 
   def crop_batch(self, images, seed):
     """Crops of a batch of same-size images: uint8 [B, H, W, 3] -> float32
@@ -330,6 +346,165 @@ class SimCLRAugment:
     s = tf.random.experimental.stateless_split(seed, 2)
     # The scaling to [0, 1] happens inside the fused distortion.
     return self._distort(self._crops_255(record, s[0]), s[1], 1. / 255.)
+
+
+class MultiCropAugment:
+  """Multi-crop views (SwAV, DINO): groups of views of different sizes.
+
+  Each group is a SimCLRAugment, which gives it its image_size, num_views,
+  crop_area, blur, blur_prob / solarize_prob (per view of the group),
+  jitter, color_strength and version. The first group is the *global* one
+  (the views SwAV assigns codes from and DINO's teacher sees); the others
+  are typically small local crops. E.g. DINO's (also `MultiCropAugment.dino`;
+  SwAV's is `MultiCropAugment.swav`):
+
+    MultiCropAugment({
+        "global": SimCLRAugment.asymmetric(224, crop_area=(0.4, 1.0)),
+        "local": SimCLRAugment(96, num_views=8, crop_area=(0.05, 0.4),
+                               jitter=(0.4, 0.4, 0.2, 0.1), blur_prob=0.5)})
+
+  It stands in for a SimCLRAugment in pipeline.build_pretrain: every method
+  the pipeline calls takes and returns a dict {group name: tensor} in the
+  groups' order, so a batch's "views" is {name: float32 [B, V_g, S_g, S_g,
+  3]} (e.g. {"global": [B, 2, 224, 224, 3], "local": [B, 6, 96, 96, 3]}).
+
+  Seeds: group g (0, 1, ... in order) draws everything from
+  fold_in(seed, g), never from `seed` itself, so adding, removing or
+  changing a later group leaves the earlier groups' views as they were
+  (bit for bit, except that a JPEG decoded around more boxes may differ in
+  pixels outside the boxes, which no crop reads).
+
+  Per example (files, JPEG) every group's boxes are sampled first and the
+  image is decoded once, only the union of all of them (for a JPEG); each
+  group then resizes its own crops from that window. For same-size decoded
+  images (in-memory arrays) `crop_batch` crops each group from the same
+  batch.
+
+  Args:
+    groups: an ordered mapping {name: SimCLRAugment} (or a sequence of
+      (name, SimCLRAugment) pairs); names are Python identifiers, the
+      first group is the global one, and all groups must agree on
+      batch_level.
+
+  Attributes:
+    groups: dict {name: SimCLRAugment}, in order.
+    num_views: total views per image, over all groups.
+    batch_level: the groups' (common) batch_level.
+    image_size: the first (global) group's image_size.
+  """
+
+  def __init__(self, groups):
+    pairs = list(groups.items() if isinstance(groups, Mapping) else groups)
+    if not pairs:
+      raise ValueError("MultiCropAugment needs at least one group of views.")
+    names = [p[0] if isinstance(p, tuple) and len(p) == 2 else None
+             for p in pairs]
+    for name, pair in zip(names, pairs):
+      if not (isinstance(name, str) and name.isidentifier()):
+        raise ValueError(f"MultiCropAugment group {pair!r}: the name must be a "
+                         "Python identifier such as 'global' or 'local'.")
+      if not isinstance(pair[1], SimCLRAugment):
+        raise ValueError(f"MultiCropAugment group {name!r} is a "
+                         f"{type(pair[1]).__name__}, not a SimCLRAugment.")
+    if len(set(names)) != len(names):
+      raise ValueError(f"MultiCropAugment group names repeat: {names}.")
+    levels = {name: g.batch_level for name, g in pairs}
+    if len(set(levels.values())) > 1:
+      raise ValueError(f"MultiCropAugment groups must agree on batch_level; "
+                       f"got {levels}.")
+    self.groups = dict(pairs)
+    self.num_views = sum(g.num_views for g in self.groups.values())
+    self.batch_level = pairs[0][1].batch_level
+    self.image_size = pairs[0][1].image_size
+
+  @classmethod
+  def swav(cls, global_size=224, local_size=96, num_local=6, color_strength=1.0,
+           global_area=(0.14, 1.0), local_area=(0.05, 0.14), blur=None,
+           batch_level=None):
+    """SwAV's multi-crop: 2 global + num_local local views, every view with
+    flip, SimCLR jitter of color_strength (p 0.8), grayscale 0.2 and blur
+    p 0.5 (blur=None: on at >= 96 px, per group)."""
+    kw = dict(color_strength=color_strength, blur=blur, batch_level=batch_level)
+    return cls({"global": SimCLRAugment(global_size, crop_area=global_area, **kw),
+                "local": SimCLRAugment(local_size, crop_area=local_area,
+                                       num_views=num_local, **kw)})
+
+  @classmethod
+  def dino(cls, global_size=224, local_size=96, num_local=8, color_strength=0.5,
+           global_area=(0.4, 1.0), local_area=(0.05, 0.4), blur=None,
+           batch_level=None):
+    """DINO's multi-crop (ViT defaults): jitter maxima (0.8s, 0.8s, 0.4s,
+    0.2s) (s=0.5: 0.4, 0.4, 0.2, 0.1) p 0.8, grayscale 0.2 on every view;
+    global view 1 blur p 1.0, view 2 blur 0.1 + solarise 0.2 (BYOL's
+    SimCLRAugment.asymmetric); local views blur 0.5 (blur=None: on at >= 96
+    px, per group). DINO's ResNet-50 uses SwAV's areas (0.14, 1) and (0.05,
+    0.14)."""
+    s = float(color_strength)
+    return cls({
+        "global": SimCLRAugment.asymmetric(
+            global_size, color_strength=s, blur=blur, crop_area=global_area,
+            batch_level=batch_level),
+        "local": SimCLRAugment(
+            local_size, color_strength=s, blur=blur, crop_area=local_area,
+            num_views=num_local, batch_level=batch_level,
+            jitter=(0.8 * s, 0.8 * s, 0.4 * s, 0.2 * s))})
+
+  def _keyed(self, seed):
+    """(name, group, fold_in(seed, g)) for each group g, in order."""
+    seed = tf.convert_to_tensor(seed)
+    return [(name, group, tf.random.experimental.stateless_fold_in(
+        seed, tf.constant(g, tf.int64)))
+            for g, (name, group) in enumerate(self.groups.items())]
+
+  def crop_views(self, record, seed):
+    """Per example: {"image"|"encoded"} -> {name: float32 [V_g, S_g, S_g, 3]}
+    crops in [0, 1]."""
+    return {k: tf.clip_by_value(v / 255., 0., 1.)
+            for k, v in self._crops_255(record, seed).items()}
+
+  def _crops_255(self, record, seed):
+    """crop_views before the scaling to [0, 1]: one (window) decode for all
+    the groups' boxes."""
+    keyed = self._keyed(seed)
+
+    def boxes(h, w):
+      return tf.concat([group._boxes(key, h, w) for _, group, key in keyed], 0)  # pylint: disable=protected-access
+    window, bxs = _window_and_boxes(record, boxes)
+    out, start = {}, 0
+    for name, group, _ in keyed:
+      out[name] = group._resize_crops(  # pylint: disable=protected-access
+          window, bxs[start:start + group.num_views])
+      start += group.num_views
+    return out
+
+  def crop_batch(self, images, seed):
+    """uint8 [B, H, W, 3] -> {name: float32 [B, V_g, S_g, S_g, 3]} in [0, 1]:
+    each group's SimCLRAugment.crop_batch of the same images."""
+    images = tf.convert_to_tensor(images)
+    return {name: group.crop_batch(images, key)
+            for name, group, key in self._keyed(seed)}
+
+  def distort(self, views, seed):
+    """{name: [..., S_g, S_g, 3]} -> the same, each group distorted by its
+    SimCLRAugment.distort (its own per-view probabilities)."""
+    return self._distort(views, seed, 1.)
+
+  def _distort(self, views, seed, scale):
+    self._check_keys(views)
+    return {name: group._distort(views[name], key, scale)  # pylint: disable=protected-access
+            for name, group, key in self._keyed(seed)}
+
+  def __call__(self, record, seed):
+    """Both stages on one example: record -> {name: float32 [V_g, S_g, S_g,
+    3]}."""
+    s = tf.random.experimental.stateless_split(seed, 2)
+    return self._distort(self._crops_255(record, s[0]), s[1], 1. / 255.)
+
+  def _check_keys(self, views):
+    if not isinstance(views, Mapping) or set(views) != set(self.groups):
+      got = sorted(views) if isinstance(views, Mapping) else type(views).__name__
+      raise ValueError(f"MultiCropAugment needs views {{group: tensor}} for the "
+                       f"groups {list(self.groups)}; got {got}.")
 
 
 @tf.function(jit_compile=True)

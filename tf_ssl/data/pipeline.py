@@ -1,7 +1,10 @@
 """Per-replica tf.data pipelines for pretraining, evaluation and fine-tuning.
 
 Batch formats (what the trainer relies on):
-  pretrain: {"views": float32 [B, V, S, S, 3] in [0, 1], "label": int64 [B]}
+  pretrain: {"views": float32 [B, V, S, S, 3] in [0, 1], "label": int64 [B]};
+            with an augment.MultiCropAugment "views" is a dict of its groups
+            in order, {name: float32 [B, V_g, S_g, S_g, 3]}, e.g.
+            {"global": [B, 2, 224, 224, 3], "local": [B, 6, 96, 96, 3]}.
   eval:     {"image": float32 [B, S, S, 3] in [0, 1], "label": int64 [B],
              "mask": float32 [B] (1 real example, 0 padding)}
   finetune: {"image": float32 [B, S, S, 3], "label": int64 [B]}, or with
@@ -209,7 +212,9 @@ def build_pretrain(source, batch_size, augment, input_context=None, seed=None,
   Args:
     source: a Source.
     batch_size: per-replica batch size (drop_remainder: static shapes).
-    augment: an augment.SimCLRAugment.
+    augment: an augment.SimCLRAugment, or an augment.MultiCropAugment
+      (which takes and gives a dict of view groups in every method called
+      here, so the same code makes multi-crop batches).
     input_context: tf.distribute.InputContext or None.
     seed: int, the run's seed; None draws a fresh one (not reproducible).
     cache: decode and cache in memory: True, False or "auto" (small sources).
