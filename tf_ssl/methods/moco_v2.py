@@ -4,55 +4,12 @@ from a momentum encoder and a queue of earlier keys (docs/recipes.md,
 
 import dataclasses
 
-import keras
 import tensorflow as tf
 
 from tf_ssl import distribute
 from tf_ssl import losses
 from tf_ssl.methods import base
-
-
-class KeyQueue(keras.layers.Layer):
-  """A FIFO of `size` normalised keys [size, dim] and its write pointer.
-
-  Not trained; identical on every replica: each step writes the keys of the
-  whole global batch (gathered from every replica) at the pointer, on every
-  replica's copy, and moves the pointer by the global batch. It starts as
-  l2-normalised Gaussian rows, as the reference's.
-  """
-
-  def __init__(self, size, dim, **kwargs):
-    kwargs.setdefault("name", "queue")
-    super().__init__(**kwargs)
-    self.size = int(size)
-    self.dim = int(dim)
-
-    def unit_rows(shape, dtype=None):
-      rows = keras.random.normal(shape, dtype="float32")
-      return tf.cast(tf.math.l2_normalize(rows, axis=1), dtype or "float32")
-
-    self.keys = self.add_weight(shape=(self.size, self.dim), initializer=unit_rows,
-                                trainable=False, dtype="float32", name="keys",
-                                autocast=False)
-    self.pointer = self.add_weight(shape=(), initializer="zeros", trainable=False,
-                                   dtype="int32", name="pointer", autocast=False)
-    self.built = True  # Never called: the model reads and pushes it.
-
-  def push(self, keys):
-    """Writes `keys` [B, dim] (the same on every replica) at the pointer;
-    B divides the size, so a write never wraps."""
-    keys = tf.cast(keys, tf.float32)
-    batch = tf.shape(keys)[0]
-    start = tf.convert_to_tensor(self.pointer)
-
-    def write(queue, k, p):
-      return queue.scatter_update(tf.IndexedSlices(k, p + tf.range(tf.shape(k)[0])))
-
-    def advance(pointer, b):
-      return pointer.assign((pointer + b) % self.size)
-
-    distribute.update_replicated(write, [self.keys], keys, start)
-    distribute.update_replicated(advance, [self.pointer], batch)
+from tf_ssl.models.queue import KeyQueue
 
 
 class MoCoV2(base.WithTarget):
@@ -87,11 +44,8 @@ class MoCoV2(base.WithTarget):
 
   def __init__(self, config=None, **kwargs):
     super().__init__(config, **kwargs)
-    b, k = self.global_batch_size, self.config.queue_size
-    if b and k % b:
-      raise ValueError(
-          f"--moco_queue_size={k} must be a multiple of --global_batch_size={b} "
-          f"(each step enqueues a whole batch), e.g. {max(b, k // b * b)}.")
+    base.check_whole_batches("moco_queue_size", self.config.queue_size,
+                             self.global_batch_size)
 
   def online_layers(self, backbone):
     del backbone
@@ -100,9 +54,8 @@ class MoCoV2(base.WithTarget):
             "queue": KeyQueue(self.config.queue_size, head.output_dim)}
 
   def optimizer_exclusions(self):
-    # The reference decays every parameter (SGD, wd 1e-4), BN and biases
-    # included; only the online probe is left out.
-    return (r"(^|/)(head|probe_head|linear_head)/",)
+    # The reference decays every parameter (SGD, wd 1e-4).
+    return base.PROBE_ONLY
 
   def forward(self, model, views, labels):
     del labels
