@@ -359,3 +359,22 @@ def test_scale_learning_rate():
     optim.scale_learning_rate(0.3, 256, "square")
   with pytest.raises(ValueError, match="global_batch_size"):
     optim.scale_learning_rate(0.3, 0)
+
+
+def test_lr_multipliers_scale_the_matched_variables_steps():
+  """Barlow Twins' biases-and-BN rate: a matched variable's update is the
+  factor times the one it would take; others are untouched by it."""
+  def steps(multipliers):
+    a = keras.Variable(np.full(3, 2.0, np.float32), name="a")
+    b = keras.Variable(np.full(3, 2.0, np.float32), name="b")
+    opt = optim.LARS(0.5, momentum=0.9, exclude_from_adaptation=(r"^b$",),
+                     exclude_from_weight_decay=None, lr_multipliers=multipliers)
+    grads = [np.array([1.0, -2.0, 0.5], np.float32)] * 2
+    for _ in range(2):
+      opt.apply_gradients(zip(grads, [a, b]))
+    return np.array(a) - 2.0, np.array(b) - 2.0
+  base_a, base_b = steps(())
+  a, b = steps(((r"^b$", 0.024),))
+  np.testing.assert_allclose(a, base_a, rtol=1e-6)
+  np.testing.assert_allclose(b, 0.024 * base_b, rtol=1e-5)
+  assert not np.allclose(b, base_b)

@@ -86,6 +86,9 @@ class LARS(keras.optimizers.Optimizer):
     exclude_from_weight_decay: regexes matched with re.search against each
       `variable.path`; a match skips weight decay. None excludes nothing.
     exclude_from_adaptation: the same for the trust ratio (trust = 1).
+    lr_multipliers: ((regex, factor), ...): a variable whose path matches a
+      regex (the first that does) takes factor * the learning rate (Barlow
+      Twins' separate, smaller rate for biases and BN parameters).
     name: the optimizer's name.
     **kwargs: passed to `keras.optimizers.Optimizer` (clipnorm, use_ema, ...).
 
@@ -97,8 +100,8 @@ class LARS(keras.optimizers.Optimizer):
   def __init__(self, learning_rate, momentum=0.9, weight_decay=0.0,
                eeta=0.001, nesterov=False,
                exclude_from_weight_decay=DEFAULT_EXCLUDE,
-               exclude_from_adaptation=DEFAULT_EXCLUDE, name="lars",
-               **kwargs):
+               exclude_from_adaptation=DEFAULT_EXCLUDE, lr_multipliers=(),
+               name="lars", **kwargs):
     super().__init__(learning_rate=learning_rate, name=name, **kwargs)
     if not 0.0 <= momentum < 1.0:
       raise ValueError(f"LARS(momentum={momentum}): must be in [0, 1).")
@@ -117,6 +120,8 @@ class LARS(keras.optimizers.Optimizer):
         exclude_from_weight_decay, "exclude_from_weight_decay")
     self.adaptation_exclusions = _compile_patterns(
         exclude_from_adaptation, "exclude_from_adaptation")
+    self.lr_multipliers = tuple((p, float(f)) for p, f in lr_multipliers)
+    _compile_patterns([p for p, _ in self.lr_multipliers], "lr_multipliers")
 
   def build(self, variables):
     if self.built:
@@ -144,6 +149,9 @@ class LARS(keras.optimizers.Optimizer):
         for v, p in zip(variables, paths))
     self._use_adaptation = tuple(
         not _matches(self.adaptation_exclusions, p) for p in paths)
+    self._lr_factor = tuple(
+        next((f for pattern, f in self.lr_multipliers if re.search(pattern, p)), 1.0)
+        for p in paths)
     logging.info("%s: %d variables, %d with weight decay, %d adapted.", self.name,
                  len(paths), sum(self._use_decay), sum(self._use_adaptation))
     self.momentums = [
@@ -157,6 +165,8 @@ class LARS(keras.optimizers.Optimizer):
     if self._use_decay[index]:
       gradient += tf.constant(self.lars_weight_decay, dtype) * variable
     scaled_lr = tf.cast(learning_rate, dtype)
+    if self._lr_factor[index] != 1.0:
+      scaled_lr *= tf.constant(self._lr_factor[index], dtype)
     if self._use_adaptation[index]:
       w_norm = tf.norm(variable)
       g_norm = tf.norm(gradient)
@@ -187,6 +197,7 @@ class LARS(keras.optimizers.Optimizer):
         "nesterov": self.nesterov,
         "exclude_from_weight_decay": list(self.weight_decay_exclusions),
         "exclude_from_adaptation": list(self.adaptation_exclusions),
+        "lr_multipliers": [list(m) for m in self.lr_multipliers],
     })
     return config
 
