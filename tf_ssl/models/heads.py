@@ -14,7 +14,12 @@ from keras import ops
 
 BN_MOMENTUM = 0.9  # docs/recipes.md, "SimCLR models".
 BN_EPSILON = 1e-5
-KINDS = ("simclr", "mlp", "byol", "moco_v3")
+KINDS = ("simclr", "mlp", "byol", "moco_v3", "swav", "barlow_twins", "vicreg")
+
+
+# (hidden layers' bias, last layer's bias) of the PyTorch heads with BN.
+_TORCH_BIASES = {"swav": (True, True), "barlow_twins": (False, False),
+                 "vicreg": (True, False)}
 
 
 @keras.saving.register_keras_serializable(package="tf_ssl")
@@ -46,6 +51,11 @@ class ProjectionHead(keras.layers.Layer):
       neither scale nor centre; PyTorch nn.Linear's initialisation: MoCo
       v3's projector (last_bn=True) and predictor (last_bn=False)
       (docs/recipes.md, "MoCo v3").
+    kind="swav", "barlow_twins", "vicreg": hidden layers Dense, BN, ReLU;
+      the last layer Dense without BN; PyTorch nn.Linear's initialisation.
+      SwAV's Dense layers all have biases; Barlow Twins' none; VICReg's
+      hidden ones do and its last does not (docs/recipes.md, "SwAV",
+      "Barlow Twins", "VICReg").
   The paper's text (Chen et al. 2020, Sec. 2.1, W2 relu(W1 h)) omits the BN
   that both SimCLR codebases use.
 
@@ -61,7 +71,7 @@ class ProjectionHead(keras.layers.Layer):
       SimCLR (2048 for a ResNet-50).
     output_dim: width of the projection (128 in SimCLR and SupCon).
     num_layers: number of Dense layers (>= 1).
-    kind: "simclr", "mlp", "byol" or "moco_v3", as above.
+    kind: one of KINDS, as above.
     last_bn: kind="moco_v3" only: end with an affine-free BN (the projector;
       the predictor has none).
     sync_bn: synchronise BN statistics across replicas (pretraining with a
@@ -97,8 +107,8 @@ class ProjectionHead(keras.layers.Layer):
     if kind not in KINDS:
       raise ValueError(f"ProjectionHead: kind={kind!r}; pass 'simclr' "
                        "(Dense-BN layers, SimCLR v1/v2), 'mlp' (Dense with "
-                       "bias, no BN, SupCon's and MoCo v2's head), 'byol' or "
-                       "'moco_v3'.")
+                       "bias, no BN, SupCon's and MoCo v2's head), or the "
+                       f"head of a method: one of {', '.join(KINDS[2:])}.")
     if num_layers < 1:
       raise ValueError(f"ProjectionHead: num_layers={num_layers}; pass >= 1.")
     self.hidden_dim = hidden_dim
@@ -157,6 +167,10 @@ class ProjectionHead(keras.layers.Layer):
       # Haiku's Linear: truncated normal, stddev 1/sqrt(fan_in), zero bias.
       kernel = keras.initializers.VarianceScaling(1.0, "fan_in", "truncated_normal")
       return dense(not last, kernel), (None if last else bn_layer())
+    if self.kind in _TORCH_BIASES:
+      hidden_bias, last_bias = _TORCH_BIASES[self.kind]
+      return (dense(last_bias if last else hidden_bias, torch_kernel, torch_bias),
+              None if last else bn_layer())
     # moco_v3
     if last:
       return dense(False, torch_kernel), (
