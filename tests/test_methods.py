@@ -19,9 +19,22 @@ GLOBAL_BATCH = 8
 IMAGE = 8
 STEPS = 3
 HEAD = methods.HeadSpec(hidden_dim=16, output_dim=8, num_layers=2, sync_bn=True)
+# VICReg's sqrt(var + 1e-4) and relu(1 - std) amplify float32 rounding into
+# the steps of a tiny random network at LARS' 0.5 (the BN offsets of 1 and
+# 4 replicas parted by 1e-2 in 3 steps); a smaller rate keeps it at 1e-5.
+LR = {"vicreg": 0.05}
+LOCAL_IMAGE, LOCAL_CROPS = 5, 2
+STEPS_PER_EPOCH = 2
 OPTIONS = {"byol": {"momentum": 0.9}, "moco_v2": {"queue_size": 16, "momentum": 0.9},
            "moco_v3": {"momentum": 0.9, "temperature": 0.5},
-           "simclr": {"temperature": 0.5}, "supcon": {"temperature": 0.5}}
+           "simclr": {"temperature": 0.5}, "supcon": {"temperature": 0.5},
+           # The queue fills in steps 0-1 and is used in step 2; the
+           # prototypes are frozen in step 0.
+           "swav": {"prototypes": 6, "freeze_prototypes_steps": 1, "queue_size": 16,
+                    "queue_start_epoch": 0},
+           # Epoch 0 (steps 0-1): last layer frozen, teacher at 0.04; epoch 1: 0.07.
+           "dino": {"out_dim": 12, "momentum": 0.9, "warmup_teacher_temperature_epochs": 2},
+           "barlow_twins": {"lambd": 0.05}, "vicreg": {}}
 
 
 class TinyBackbone(keras.Model):
@@ -41,21 +54,27 @@ class TinyBackbone(keras.Model):
     return {"stem": stem, "features": self.pool(stem)}
 
 
-def _batch(seed=0):
+def _batch(seed=0, multi_crop=False):
+  """(views, labels) of one global batch; multi_crop: views are
+  {"global": [B, 2, ...], "local": [B, 2, 5, 5, 3]}."""
   rng = np.random.default_rng(seed)
   views = rng.uniform(size=(GLOBAL_BATCH, 2, IMAGE, IMAGE, 3)).astype("float32")
   labels = np.array([0, 1, 2, 0, 1, -1, 2, -1], dtype="int64")
+  if multi_crop:
+    local = rng.uniform(size=(GLOBAL_BATCH, LOCAL_CROPS, LOCAL_IMAGE, LOCAL_IMAGE, 3))
+    views = {"global": views, "local": local.astype("float32")}
   return views, labels
 
 
 def _build(name, initial_weights=None, total_steps=10):
   method = methods.create(name, OPTIONS[name], head=HEAD, total_steps=total_steps,
-                          global_batch_size=GLOBAL_BATCH)
+                          global_batch_size=GLOBAL_BATCH,
+                          steps_per_epoch=STEPS_PER_EPOCH)
   model = SSLModel(TinyBackbone(), method, num_classes=3, make_backbone=TinyBackbone)
   model(tf.zeros((2, IMAGE, IMAGE, 3)))
   if initial_weights is not None:
     model.set_weights(initial_weights)
-  model.compile(optimizer=optim.LARS(learning_rate=0.5, weight_decay=1e-4))
+  model.compile(optimizer=optim.LARS(learning_rate=LR.get(name, 0.5), weight_decay=1e-4))
   return model
 
 
@@ -64,13 +83,18 @@ def _fit(strategy, name, initial_weights, steps=STEPS):
   replica r gets rows [r*b, (r+1)*b) of each (batches go to the replicas in
   turn)."""
   per_replica = GLOBAL_BATCH // strategy.num_replicas_in_sync
-  batches = [_batch(seed) for seed in range(steps)]
+  multi_crop = methods.get(name).multi_crop
+  batches = [_batch(seed, multi_crop) for seed in range(steps)]
+  views = [b[0] for b in batches]
+  if multi_crop:
+    views = {k: np.concatenate([v[k] for v in views]) for k in views[0]}
+  else:
+    views = np.concatenate(views)
 
   def dataset_fn(ctx):
     del ctx
     ds = tf.data.Dataset.from_tensor_slices(
-        {"views": np.concatenate([b[0] for b in batches]),
-         "label": np.concatenate([b[1] for b in batches])})
+        {"views": views, "label": np.concatenate([b[1] for b in batches])})
     return ds.batch(per_replica, drop_remainder=True)
 
   with strategy.scope():
@@ -85,7 +109,8 @@ def _weights(model):
   return [(v.path, np.array(v)) for v in model.weights]
 
 
-@pytest.mark.parametrize("name", ["byol", "moco_v2", "moco_v3"])
+@pytest.mark.parametrize("name", ["byol", "moco_v2", "moco_v3", "swav", "dino",
+                                  "barlow_twins", "vicreg"])
 def test_fit_steps_same_on_1_and_4_replicas(name):
   initial = _build(name).get_weights()
   m1, h1 = _fit(mirrored(1), name, initial)
@@ -94,12 +119,21 @@ def test_fit_steps_same_on_1_and_4_replicas(name):
   w1, w4 = _weights(m1), _weights(m4)
   moved = [p for (p, a), (_, b) in zip(w0, w1) if not np.allclose(a, b)]
   assert len(moved) >= len(w0) // 2, "the steps should change most variables"
-  # Every variable: online, target (EMA and its own BN statistics), queue.
-  for (path, a), (_, b) in zip(w1, w4):
-    np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5, err_msg=path)
+  # Every variable: online, target (EMA and its own BN statistics), queue,
+  # prototypes, centre. Float32 rounding differs with the replica count and
+  # grows with each step, so the tolerance also allows 0.1% of how far the
+  # variable moved; a gradient off by the replica count would be off by a
+  # large part of it.
+  for (path, a), (_, b), (_, a0) in zip(w1, w4, w0):
+    np.testing.assert_array_less(np.abs(a - b), 2e-5 + 2e-5 * np.abs(a)
+                                 + 1e-3 * np.abs(a - a0), err_msg=path)
   np.testing.assert_allclose(h1["loss"], h4["loss"], rtol=1e-5)
   if name == "moco_v2":
     assert int(m1.queue.pointer.numpy()) == STEPS * GLOBAL_BATCH % 16
+  if name == "swav":  # used in the last step, then written again
+    assert int(m1.queue_0.filled.numpy()) == 16
+  if name == "dino":  # the centre moved off zero, equally on 1 and 4
+    assert np.abs(np.array(m1.center.center)).max() > 0
 
 
 def test_target_is_the_closed_form_ema_of_the_online_weights():
@@ -147,8 +181,9 @@ def test_cosine_momentum_schedule():
 
 
 def _step(model, seed):
-  views, labels = _batch(seed)
-  return model.train_step({"views": tf.constant(views), "label": tf.constant(labels)})
+  views, labels = _batch(seed, model.method.multi_crop)
+  views = tf.nest.map_structure(tf.constant, views)
+  return model.train_step({"views": views, "label": tf.constant(labels)})
 
 
 def test_moco_queue_holds_the_latest_keys_and_resumes_exactly(tmp_path):
@@ -270,3 +305,88 @@ def test_heads_are_the_references():
   assert layout(moco_v3.projection_head) == [(False, (True, True)), (False, (False, False))]
   assert layout(moco_v3.predictor) == [(False, (True, True)), (False, None)]
   assert layout(_build("moco_v2").projection_head) == [(True, None), (True, None)]
+  # SwAV: biases everywhere; Barlow Twins: none; VICReg: all but the last.
+  bn = (True, True)
+  assert layout(_build("swav").projection_head) == [(True, bn), (True, None)]
+  assert layout(_build("barlow_twins").projection_head) == [(False, bn), (False, None)]
+  assert layout(_build("vicreg").projection_head) == [(True, bn), (False, None)]
+
+
+def test_swav_prototypes_stay_unit_frozen_first_and_queue_when_full():
+  """The prototypes are unit columns after every update and do not move in
+  the frozen step 0; the queues start filling at queue_start_epoch and hold
+  unit rows."""
+  model = _build("swav")
+  kernel = lambda: np.array(model.prototypes.kernel)
+  initial = kernel()
+  np.testing.assert_allclose(np.linalg.norm(initial, axis=0), 1.0, rtol=1e-5)
+  _step(model, 0)
+  np.testing.assert_allclose(kernel(), initial, atol=1e-6)  # frozen
+  assert int(model.queue_0.filled.numpy()) == GLOBAL_BATCH
+  _step(model, 1)
+  assert not np.allclose(kernel(), initial, atol=1e-4)
+  np.testing.assert_allclose(np.linalg.norm(kernel(), axis=0), 1.0, rtol=1e-5)
+  assert bool(model.queue_0.full) and bool(model.queue_1.full)
+  queue = np.array(model.queue_1.keys)
+  np.testing.assert_allclose(np.linalg.norm(queue, axis=1), 1.0, rtol=1e-5)
+  late = methods.create("swav", dict(OPTIONS["swav"], queue_start_epoch=1), head=HEAD,
+                        total_steps=10, global_batch_size=GLOBAL_BATCH,
+                        steps_per_epoch=STEPS_PER_EPOCH)
+  model = SSLModel(TinyBackbone(), late, num_classes=3)
+  model(tf.zeros((2, IMAGE, IMAGE, 3)))
+  model.compile(optimizer=optim.LARS(learning_rate=0.5))
+  _step(model, 0)
+  assert int(model.queue_0.filled.numpy()) == 0  # epoch 0 < the start epoch
+
+
+def test_dino_freezes_the_last_layer_warms_the_teacher_and_exports_the_teacher(tmp_path):
+  model = _build("dino")
+  method = model.method
+  assert [round(float(method.teacher_temperature(k)), 6) for k in (0, 1, 2, 3, 9)] == [
+      0.04, 0.04, 0.07, 0.07, 0.07]
+  # The layer's weights are its kernel's unit columns (weight normalisation);
+  # weight decay alone only shrinks them.
+  last = lambda: np.array(tf.math.l2_normalize(model.projection_head.last_kernel, 0))
+  initial = last()
+  _step(model, 0)
+  _step(model, 1)  # epoch 0: frozen
+  np.testing.assert_allclose(last(), initial, rtol=1e-5, atol=1e-7)
+  _step(model, 2)
+  assert not np.allclose(last(), initial)
+  # The teacher is the representation: evaluation, export, --init.
+  assert model.representation is model.target_backbone
+  parts = checkpoints._parts(model)  # pylint: disable=protected-access
+  assert {"backbone", "online_backbone", "center"} <= set(parts)
+  path = checkpoints.make_checkpoint(model, model.optimizer).save(str(tmp_path / "c"))
+  fresh = TinyBackbone()
+  fresh(tf.zeros((1, IMAGE, IMAGE, 3)))
+  checkpoints.restore_backbone(fresh, path)
+  images = tf.constant(_batch(5)[0][:, 0])
+  want = model.target_backbone(images)["features"]
+  np.testing.assert_allclose(fresh(images)["features"], want, rtol=1e-5)
+  assert not np.allclose(model.backbone(images)["features"], want)
+
+
+def test_multi_crop_flags(tmp_path):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from tf_ssl import flags as tf_ssl_flags  # pylint: disable=g-import-not-at-top
+  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+  base = ["tf_ssl", f"--workdir={tmp_path}", "--train_steps=10", "--image_size=32"]
+  try:
+    FLAGS.unparse_flags()
+    FLAGS(base + ["--method=swav", "--local_crops=6", "--crop_min_area=0.14"])
+    data = tf_ssl_flags.pretrain_config().data
+    assert (data.local_crops, data.local_crop_size, data.local_crop_min_area) == (6, 14, 0.05)
+    for args, match in [
+        (["--method=byol", "--local_crops=2"], "takes no local crops"),
+        (["--method=dino", "--local_crops=2", "--crop_min_area=0.04"], "local_crop_min_area"),
+        (["--method=swav", "--swav_queue_size=-1"], "--swav_queue_size=-1"),
+        (["--method=vicreg", "--barlow_lambd=0.1"], "option of --method=barlow_twins")]:
+      FLAGS.unparse_flags()
+      FLAGS(base + args)
+      with pytest.raises(flags.ValidationError, match=match):
+        tf_ssl_flags.pretrain_config()
+  finally:
+    FLAGS.unparse_flags()
+  with pytest.raises(ValueError, match="builds its own head"):
+    methods.create("dino", head=methods.HeadSpec(kind="simclr")).projector()

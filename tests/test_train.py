@@ -210,14 +210,16 @@ def test_knn_monitor_runs_the_backbone_on_the_strategys_replicas(strategy_2):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method, extra", [
-    ("byol", ["--byol_pred_hidden_dim=32"]),
+    ("dino", ["--local_crops=2", "--crop_min_area=0.3", "--dino_out_dim=32",
+              "--dino_warmup_teacher_temperature_epochs=0"]),
     ("moco_v2", ["--moco_queue_size=32"]),
 ])
 def test_momentum_methods_train_log_their_schedule_and_initialise_finetuning(
     tmp_path, image_folder, method, extra):
-  """The trainer runs a method it does not know by name; the method's
-  momentum is logged beside the learning rate; fine-tuning --init takes its
-  representation from the workdir."""
+  """The trainer runs a method it does not know by name (DINO with
+  multi-crop views from image files); the method's momentum is logged
+  beside the learning rate; fine-tuning --init takes its representation
+  (DINO's teacher) from the workdir."""
   workdir = tmp_path / "run"
   result = _run(_command(workdir, image_folder, f"--method={method}", "--train_steps=4",
                          "--final_eval_examples=16", *extra))
@@ -226,7 +228,7 @@ def test_momentum_methods_train_log_their_schedule_and_initialise_finetuning(
   assert results["train_steps"] == 4 and "knn_top1" in results
   history = [json.loads(l) for l in (workdir / "history.jsonl").read_text().splitlines()]
   momentum = [h[f"{method}_momentum"] for h in history if f"{method}_momentum" in h]
-  if method == "byol":  # 0.996 -> 1 by cosine.
+  if method == "dino":  # 0.996 -> 1 by cosine.
     assert momentum and 0.996 <= min(momentum) < max(momentum) <= 1.0
   else:  # MoCo v2: constant.
     assert momentum and all(m == pytest.approx(0.999) for m in momentum)

@@ -36,6 +36,9 @@ flags.DEFINE_float("color_strength", 0.5, "Colour jitter strength s (1.0 ImageNe
 flags.DEFINE_enum("blur", "auto", ["auto", "on", "off"], "Gaussian blur; auto = on at >= 96 px.")
 flags.DEFINE_float("crop_min_area", 0.08, "Lower bound of the random-resized-crop area fraction.")
 flags.DEFINE_integer("num_views", 2, "Views per image (2 in the papers; with more, SimCLR counts every other view of the image as a positive).")
+flags.DEFINE_integer("local_crops", 0, "Multi-crop (swav, dino): local crops per image besides the --num_views global views (6 SwAV, 8 DINO; 0: none).")
+flags.DEFINE_integer("local_crop_size", 0, "Side of the local crops in pixels; 0: 96/224 of --image_size.")
+flags.DEFINE_float("local_crop_min_area", 0.05, "Lower bound of the local crops' area fraction; the upper is --crop_min_area (SwAV 0.05-0.14, DINO 0.05-0.4).")
 flags.DEFINE_enum("cache", "auto", ["auto", "on", "off"], "Cache decoded images in memory; auto: small datasets only.")
 
 # Model.
@@ -49,11 +52,11 @@ flags.DEFINE_integer("proj_dim", 128, "Output width of the projection head.")
 # Method and optimisation.
 flags.DEFINE_enum("method", "simclr", list(methods.NAMES), "Pretraining method (tf_ssl/methods/; docs/recipes.md has each recipe).")
 flags.DEFINE_enum("simclr_version", "2", ["1", "2"], "Brightness jitter, 1: additive, 2: multiplicative (docs/recipes.md).")
-flags.DEFINE_enum("proj_head", "auto", ["auto"] + list(heads.KINDS), "Projection head: auto = the method's own (simclr for SimCLR and SupCon, mlp for MoCo v2, byol, moco_v3); simclr = both SimCLR codebases' (Dense without bias + BN per layer, ReLU between, last BN without centre; --proj_layers 2 for v1, 3 for v2); mlp = SupCon's and MoCo v2's PyTorch head (Linear-ReLU-Linear with biases, no BN); byol = BYOL's (Linear+BN+ReLU, last Linear without bias); moco_v3 = MoCo v3's (hidden layers without bias + BN, last BN without affine).")
+flags.DEFINE_enum("proj_head", "auto", ["auto"] + list(heads.KINDS), "Projection head: auto = the method's own (simclr for SimCLR and SupCon, mlp for MoCo v2, else the method's name); simclr = both SimCLR codebases' (Dense without bias + BN per layer, ReLU between, last BN without centre; --proj_layers 2 for v1, 3 for v2); mlp = SupCon's and MoCo v2's PyTorch head (Linear-ReLU-Linear with biases, no BN); byol = BYOL's (Linear+BN+ReLU, last Linear without bias); moco_v3 = MoCo v3's (hidden layers without bias + BN, last BN without affine); swav, barlow_twins, vicreg = theirs (Linear+BN+ReLU, last Linear; biases as each reference). DINO always builds its own head (GELU MLP to the --proj_dim bottleneck, weight-normalised last layer to --dino_out_dim).")
 # Method options: one flag per field of a method's Config (tf_ssl/methods/),
 # named with the method's prefix; None means the method's default. A flag of
 # another method than --method is an error.
-flags.DEFINE_float("temperature", None, "Softmax temperature of the contrastive loss; default: the method's (simclr, supcon 0.1; moco_v2 0.2; moco_v3 1.0).")
+flags.DEFINE_float("temperature", None, "Softmax temperature of the contrastive loss; default: the method's (simclr, supcon, swav 0.1; moco_v2 0.2; moco_v3 1.0).")
 flags.DEFINE_float("supcon_base_temperature", None, "SupCon loss scale is temperature / base temperature (default 0.07).")
 flags.DEFINE_enum("supcon_contrast_mode", None, ["all", "one"], "SupCon anchors: every view (default), or the first.")
 flags.DEFINE_enum("supcon_summation", None, ["outside", "inside"], "SupCon L_out (default) or L_in.")
@@ -63,6 +66,24 @@ flags.DEFINE_integer("byol_pred_hidden_dim", None, "BYOL predictor hidden width 
 flags.DEFINE_float("moco_momentum", None, "MoCo key-encoder EMA momentum: constant for moco_v2 (default 0.999), from it to 1 by cosine for moco_v3 (default 0.99).")
 flags.DEFINE_integer("moco_queue_size", None, "moco_v2: keys in the queue, a multiple of --global_batch_size (default 65536).")
 flags.DEFINE_integer("moco_pred_hidden_dim", None, "moco_v3: predictor hidden width (default 0: the projector's hidden width).")
+flags.DEFINE_integer("swav_prototypes", None, "SwAV prototypes (default 3000).")
+flags.DEFINE_float("swav_epsilon", None, "SwAV Sinkhorn-Knopp entropy epsilon (default 0.05).")
+flags.DEFINE_integer("swav_sinkhorn_iterations", None, "SwAV Sinkhorn-Knopp iterations (default 3).")
+flags.DEFINE_integer("swav_freeze_prototypes_steps", None, "SwAV: no gradient to the prototypes for this many first steps (default 313, one epoch at batch 4096).")
+flags.DEFINE_integer("swav_queue_size", None, "SwAV: projections queued per global view, a multiple of --global_batch_size (default 0: none; 3840 at batch 256).")
+flags.DEFINE_integer("swav_queue_start_epoch", None, "SwAV: the epoch the queue starts filling; it is used once full (default 15).")
+flags.DEFINE_integer("dino_out_dim", None, "DINO head output width K (default 65536).")
+flags.DEFINE_float("dino_momentum", None, "DINO teacher EMA momentum at step 0, cosine to 1 (default 0.996).")
+flags.DEFINE_float("dino_student_temperature", None, "DINO student temperature (default 0.1).")
+flags.DEFINE_float("dino_teacher_temperature", None, "DINO teacher temperature after the warm-up (default 0.07).")
+flags.DEFINE_float("dino_warmup_teacher_temperature", None, "DINO teacher temperature at epoch 0 (default 0.04).")
+flags.DEFINE_integer("dino_warmup_teacher_temperature_epochs", None, "DINO: epochs of the linear teacher temperature warm-up, by epoch (default 30; 0: none).")
+flags.DEFINE_float("dino_center_momentum", None, "DINO centre momentum (default 0.9).")
+flags.DEFINE_integer("dino_freeze_last_layer_epochs", None, "DINO: epochs without gradient to the head's last layer (default 1).")
+flags.DEFINE_float("barlow_lambd", None, "Barlow Twins off-diagonal weight lambda (default 0.0051).")
+flags.DEFINE_float("vicreg_sim_weight", None, "VICReg invariance weight (default 25).")
+flags.DEFINE_float("vicreg_var_weight", None, "VICReg variance weight (default 25).")
+flags.DEFINE_float("vicreg_cov_weight", None, "VICReg covariance weight (default 1).")
 flags.DEFINE_integer("global_batch_size", 256, "Images per step over all replicas (each gives num_views views).")
 flags.DEFINE_integer("train_steps", None, "Training length in steps (exactly one of this and --train_epochs).")
 flags.DEFINE_float("train_epochs", None, "Training length in epochs of --train_split.")
@@ -112,6 +133,9 @@ class DataConfig:
   crop_min_area: float
   num_views: int
   cache: object  # True, False or "auto", as tf_ssl.data.pipeline takes it.
+  local_crops: int = 0  # multi-crop: local crops per image
+  local_crop_size: int = 0
+  local_crop_min_area: float = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,8 +238,13 @@ def pretrain_config():
     method_class.Config(**method_options)
   except ValueError as e:
     raise flags.ValidationError(str(e)) from None
+  _check(FLAGS.local_crops >= 0, "local_crops", "must be >= 0.")
+  _check(FLAGS.local_crop_size >= 0, "local_crop_size", "must be >= 0 (0: 96/224 of --image_size).")
+  _check(0 < FLAGS.local_crop_min_area <= FLAGS.crop_min_area, "local_crop_min_area",
+         f"must be in (0, --crop_min_area={FLAGS.crop_min_area}]: the local crops' "
+         "areas end where the global ones' start.")
   try:
-    method_class.check_views(FLAGS.num_views)
+    method_class.check_views(FLAGS.num_views, FLAGS.local_crops)
   except ValueError as e:
     raise flags.ValidationError(str(e)) from None
   proj_head = FLAGS.proj_head
@@ -229,7 +258,11 @@ def pretrain_config():
           image_size=FLAGS.image_size, color_strength=FLAGS.color_strength,
           simclr_version=int(FLAGS.simclr_version), blur=blur,
           crop_min_area=FLAGS.crop_min_area, num_views=FLAGS.num_views,
-          cache={"auto": "auto", "on": True, "off": False}[FLAGS.cache]),
+          cache={"auto": "auto", "on": True, "off": False}[FLAGS.cache],
+          local_crops=FLAGS.local_crops,
+          local_crop_size=FLAGS.local_crop_size or max(
+              8, round(FLAGS.image_size * 96 / 224)),
+          local_crop_min_area=FLAGS.local_crop_min_area),
       model=ModelConfig(
           backbone=FLAGS.backbone, small_image_stem=small_stem, sync_bn=FLAGS.sync_bn,
           proj_layers=FLAGS.proj_layers, proj_hidden_dim=FLAGS.proj_hidden_dim,

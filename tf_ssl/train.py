@@ -39,7 +39,7 @@ def make_backbone(config):
   return build_backbone(m.backbone, small_image_stem=m.small_image_stem, **kwargs)
 
 
-def build_method(config, total_steps=1):
+def build_method(config, total_steps=1, steps_per_epoch=None):
   """The --method's Method with its options and the --proj_* projector."""
   m = config.model
   head = methods.HeadSpec(hidden_dim=m.proj_hidden_dim or None, output_dim=m.proj_dim,
@@ -47,7 +47,8 @@ def build_method(config, total_steps=1):
                           sync_bn=m.sync_bn)
   return methods.create(config.method, config.method_options, head=head,
                         total_steps=total_steps,
-                        global_batch_size=config.global_batch_size)
+                        global_batch_size=config.global_batch_size,
+                        steps_per_epoch=steps_per_epoch)
 
 
 def build_model(config, num_classes, method=None):
@@ -60,12 +61,18 @@ def build_model(config, num_classes, method=None):
   return model
 
 
-def build_optimizer(config, steps_per_epoch, total_steps, exclude=optim.DEFAULT_EXCLUDE):
+def build_optimizer(config, steps_per_epoch, total_steps, exclude=optim.DEFAULT_EXCLUDE,
+                    lr_multipliers=()):
   """The optimizer and its learning-rate schedule (warmup, then cosine).
 
   exclude: regexes of variable paths LARS and SGD leave out of weight decay
   (and LARS out of trust-ratio adaptation): the method's.
+  lr_multipliers: LARS' ((regex, factor), ...): the method's.
   """
+  if lr_multipliers and config.optimizer != "lars":
+    raise runner.UserError(
+        f"--method={config.method} gives some variables their own learning rate, "
+        f"which only --optimizer=lars does; got --optimizer={config.optimizer}.")
   peak = config.learning_rate
   if config.lr_scaling != "none":
     peak = optim.scale_learning_rate(peak, config.global_batch_size, config.lr_scaling)
@@ -73,7 +80,8 @@ def build_optimizer(config, steps_per_epoch, total_steps, exclude=optim.DEFAULT_
   schedule = optim.WarmupCosine(peak, warmup, total_steps)
   if config.optimizer == "lars":
     opt = optim.LARS(schedule, momentum=config.momentum, weight_decay=config.weight_decay,
-                     exclude_from_weight_decay=exclude, exclude_from_adaptation=exclude)
+                     exclude_from_weight_decay=exclude, exclude_from_adaptation=exclude,
+                     lr_multipliers=lr_multipliers)
   elif config.optimizer == "sgd":
     opt = optim.momentum_sgd(schedule, momentum=config.momentum,
                              weight_decay=config.weight_decay,
@@ -211,14 +219,15 @@ def _main():
     spe = run.steps_per_execution
     total_steps = config.train_steps or runner.whole_executions(
         config.train_epochs * steps_per_epoch, spe)
-    method = build_method(config, total_steps)
+    method = build_method(config, total_steps, steps_per_epoch)
     views = method.augment(d)
 
     # ----------------------------------------------------- model + optimizer
     with strategy.scope():
       model = build_model(config, train_source.num_classes, method)
       optimizer, schedule = build_optimizer(config, steps_per_epoch, total_steps,
-                                            method.optimizer_exclusions())
+                                            method.optimizer_exclusions(),
+                                            method.learning_rate_multipliers())
       model.compile(optimizer=optimizer, steps_per_execution=spe,
                     jit_compile=run.jit_compile)
       optimizer.build(model.trainable_variables)

@@ -14,11 +14,15 @@ have one.
 
 import dataclasses
 
+from tf_ssl.methods import barlow_twins
 from tf_ssl.methods import byol
+from tf_ssl.methods import dino
 from tf_ssl.methods import moco_v2
 from tf_ssl.methods import moco_v3
 from tf_ssl.methods import simclr
 from tf_ssl.methods import supcon
+from tf_ssl.methods import swav
+from tf_ssl.methods import vicreg
 from tf_ssl.methods.base import HeadSpec, Method, StepOutput
 
 REGISTRY = {
@@ -27,11 +31,16 @@ REGISTRY = {
     "byol": byol.BYOL,
     "moco_v2": moco_v2.MoCoV2,
     "moco_v3": moco_v3.MoCoV3,
+    "swav": swav.SwAV,
+    "dino": dino.DINO,
+    "barlow_twins": barlow_twins.BarlowTwins,
+    "vicreg": vicreg.VICReg,
 }
 NAMES = tuple(REGISTRY)
 # The flag prefix of each method's options; a family shares one.
 FLAG_PREFIX = {"simclr": "simclr_", "supcon": "supcon_", "byol": "byol_",
-               "moco_v2": "moco_", "moco_v3": "moco_"}
+               "moco_v2": "moco_", "moco_v3": "moco_", "swav": "swav_",
+               "dino": "dino_", "barlow_twins": "barlow_", "vicreg": "vicreg_"}
 # Options every method that has them reads from one un-prefixed flag.
 SHARED_OPTIONS = ("temperature",)
 

@@ -58,6 +58,9 @@ class Method:
       "loss", adds the probe's).
     metric_names: the keys of StepOutput.metrics.
     num_views: views per image the method needs; None: any number >= 2.
+      With multi-crop these are the global views.
+    multi_crop: the method takes local crops besides its global views (a
+      batch's "views" is then {"global": [B, V, ...], "local": [B, L, ...]}).
   """
   name = ""
   needs_labels = False
@@ -65,6 +68,7 @@ class Method:
   loss_name = "contrastive_loss"
   metric_names = ()
   num_views = 2
+  multi_crop = False
 
   default_head = "simclr"
 
@@ -73,7 +77,7 @@ class Method:
     """The method's options: the fields of its --<prefix>_* flags."""
 
   def __init__(self, config=None, *, head=None, total_steps=1,
-               global_batch_size=None):
+               global_batch_size=None, steps_per_epoch=None):
     """
     Args:
       config: the method's Config (its options); None: the defaults.
@@ -82,11 +86,18 @@ class Method:
       total_steps: the run's length (the schedules end there).
       global_batch_size: images per step over all replicas (a queue must
         hold whole batches).
+      steps_per_epoch: steps in one pass over the training data, for
+        options counted in epochs; None: total_steps.
     """
     self.config = self.Config() if config is None else config
     self.head = HeadSpec() if head is None else head
     self.total_steps = int(total_steps)
     self.global_batch_size = global_batch_size
+    self.steps_per_epoch = int(steps_per_epoch or total_steps)
+
+  def epoch(self, step):
+    """The epoch (0, 1, ...) that `step` is in, as an int32 tensor."""
+    return tf.cast(step, tf.int32) // max(self.steps_per_epoch, 1)
 
   def projector(self, name="projection_head", **overrides):
     """The projection head: `head` itself when it is a built layer."""
@@ -134,6 +145,12 @@ class Method:
                                           training=training)["projection"]
     return out
 
+  def project(self, model, images):
+    """(features, projection) of the online backbone and projection head
+    in training mode."""
+    features = model.backbone(images, training=True)["features"]
+    return features, model.projection_head(features, training=True)["projection"]
+
   def online(self, model, images):
     """(features, the predictor's output) of the online network in training
     mode: BYOL's and MoCo v3's query path."""
@@ -149,9 +166,28 @@ class Method:
         version=data.simclr_version, blur=data.blur,
         crop_area=(data.crop_min_area, 1.0), num_views=data.num_views)
 
+  def multi_crop_augment(self, data, global_views):
+    """`global_views` (a SimCLRAugment), plus --local_crops local crops of
+    --local_crop_size pixels with areas from --local_crop_min_area to
+    --crop_min_area when there are any (each crop's blur p=0.5, the
+    references' for local crops of both SwAV and DINO)."""
+    if not data.local_crops:
+      return global_views
+    local = augment.SimCLRAugment(
+        data.local_crop_size, color_strength=global_views.color_strength,
+        version=global_views.version, blur=data.blur,
+        crop_area=(data.local_crop_min_area, data.crop_min_area),
+        num_views=data.local_crops,
+        jitter=global_views.jitter)
+    return augment.MultiCropAugment({GLOBAL: global_views, LOCAL: local})
+
   @classmethod
-  def check_views(cls, num_views):
-    """Raises ValueError when the method cannot take `num_views` views."""
+  def check_views(cls, num_views, local_crops=0):
+    """Raises ValueError when the method cannot take `num_views` (global)
+    views and `local_crops` local crops."""
+    if local_crops and not cls.multi_crop:
+      raise ValueError(f"--method={cls.name} takes no local crops; got "
+                       f"--local_crops={local_crops} (swav and dino do).")
     if cls.num_views is not None and num_views != cls.num_views:
       raise ValueError(f"--method={cls.name} takes {cls.num_views} views "
                        f"per image; got --num_views={num_views}.")
@@ -177,10 +213,69 @@ class Method:
     learning rate (e.g. the EMA momentum)."""
     return {}
 
+  def learning_rate_multipliers(self):
+    """((regex, factor), ...): variables whose path matches take factor *
+    the learning rate under LARS (Barlow Twins' rate for biases and BN)."""
+    return ()
+
   def optimizer_exclusions(self):
     """Regexes of variable paths LARS leaves out of weight decay and
     trust-ratio adaptation."""
     return optim.DEFAULT_EXCLUDE
+
+
+def asymmetric_views(data, version=2):
+  """BYOL's asymmetric pair of views (blur 1.0 / 0.1, solarise 0 / 0.2) for
+  a tf_ssl.flags.DataConfig; version 2 multiplies brightness as
+  torchvision's ColorJitter (MoCo v3, Barlow Twins, VICReg, DINO), 1 adds
+  a delta as BYOL's repository."""
+  return augment.SimCLRAugment.asymmetric(
+      data.image_size, color_strength=data.color_strength, blur=data.blur,
+      crop_area=(data.crop_min_area, 1.0), version=version)
+
+
+GLOBAL, LOCAL = "global", "local"
+
+
+def crop_counts(views):
+  """(images per replica b, global views, all views) of a batch's views."""
+  groups = view_groups(views)
+  return (tf.shape(groups[0][1])[0], groups[0][1].shape[1],
+          sum(v.shape[1] for _, v in groups))
+
+
+def check_whole_batches(flag, size, global_batch_size):
+  """A queue enqueues whole global batches: ValueError unless `size` is a
+  multiple of the batch (None: not known yet)."""
+  b = global_batch_size
+  if b and size % b:
+    raise ValueError(
+        f"--{flag}={size} must be a multiple of --global_batch_size={b} "
+        f"(each step enqueues a whole batch), e.g. {max(b, size // b * b)}.")
+
+
+# Optimizer exclusions of the methods whose reference decays and adapts every
+# parameter, BN and biases included: only the online probe is left out.
+PROBE_ONLY = (r"(^|/)(head|probe_head|linear_head)/",)
+
+
+def view_groups(views):
+  """A batch's views as [(group name, [B, V, H, W, C])], "global" first:
+  a tensor is one global group; multi-crop batches are a dict of groups."""
+  if not isinstance(views, dict):
+    return [(GLOBAL, views)]
+  if GLOBAL not in views:
+    raise ValueError(f"multi-crop views need a {GLOBAL!r} group; got {sorted(views)}.")
+  return [(GLOBAL, views[GLOBAL])] + sorted(
+      (k, v) for k, v in views.items() if k != GLOBAL)
+
+
+def group_features(backbone, views):
+  """Online features of every view of every group, view-major, global
+  first [(V + L) * B, F]: the backbone runs once per group (one static
+  shape each), in training mode."""
+  return tf.concat([backbone(views_major(v), training=True)["features"]
+                    for _, v in view_groups(views)], axis=0)
 
 
 def views_major(views):

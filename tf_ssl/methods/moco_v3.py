@@ -7,7 +7,6 @@ import dataclasses
 import tensorflow as tf
 
 from tf_ssl import losses
-from tf_ssl.data import augment
 from tf_ssl.methods import base
 
 
@@ -46,9 +45,7 @@ class MoCoV3(base.WithTarget):
                                         last_bn=False)}
 
   def augment(self, data):
-    return augment.SimCLRAugment.asymmetric(
-        data.image_size, color_strength=data.color_strength, blur=data.blur,
-        crop_area=(data.crop_min_area, 1.0))
+    return base.asymmetric_views(data)
 
   def forward(self, model, views, labels):
     del labels

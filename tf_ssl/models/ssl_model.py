@@ -18,7 +18,7 @@ import keras
 import tensorflow as tf
 
 from tf_ssl import distribute
-from tf_ssl.methods.base import views_major
+from tf_ssl.methods.base import view_groups, views_major
 
 _COMMON_METRICS = ("loss", "probe_loss", "grad_norm_per_replica", "weight_norm")
 
@@ -101,7 +101,8 @@ class SSLModel(keras.Model):
         tf_ssl.data pipelines yield it: {"views": [B, V, H, W, C], ...}
         (pretraining; the endpoints are those of all V * B views, all first
         views, then all second views..., as train_step orders them) or
-        {"image": [N, H, W, C], ...} (evaluation).
+        {"image": [N, H, W, C], ...} (evaluation). Multi-crop views
+        ({"global": ..., "local": ...}) give the global views' endpoints.
       training: BN in training mode.
 
     Accepting the batch dict is what lets an unbuilt model go straight to
@@ -124,8 +125,8 @@ class SSLModel(keras.Model):
   def _images(inputs):
     if not isinstance(inputs, dict):
       return inputs
-    if "views" in inputs:
-      return views_major(inputs["views"])
+    if "views" in inputs:  # multi-crop: the global views build the model
+      return views_major(view_groups(inputs["views"])[0][1])
     if "image" in inputs:
       return inputs["image"]
     raise ValueError(
