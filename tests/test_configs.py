@@ -86,6 +86,38 @@ PUBLISHED = {
         warmup_epochs=10, weight_decay=1e-6, temperature=1.0, method="moco_v3",
         optimizer="lars", moco_momentum=0.99, proj_hidden_dim=4096, proj_dim=256,
         proj_head="moco_v3", crop_min_area=0.2),
+    # facebookresearch/swav scripts/swav_800ep_pretrain.sh (batch 4096).
+    "swav_imagenet.cfg": dict(
+        dataset="tfds:imagenet2012", backbone="resnet50", image_size=224,
+        global_batch_size=4096, train_epochs=800, peak_lr=4.8, warmup_epochs=10,
+        weight_decay=1e-6, temperature=0.1, method="swav", optimizer="lars",
+        swav_prototypes=3000, swav_epsilon=0.05, swav_freeze_prototypes_steps=313,
+        proj_hidden_dim=2048, proj_dim=128, proj_head="swav", crop_min_area=0.14,
+        local_crops=6, local_crop_size=96, local_crop_min_area=0.05,
+        color_strength=1.0, blur=True),
+    # facebookresearch/dino README, the ResNet-50 command.
+    "dino_imagenet.cfg": dict(
+        dataset="tfds:imagenet2012", backbone="resnet50", image_size=224,
+        global_batch_size=512, train_epochs=100, peak_lr=0.03 * 512 / 256,
+        warmup_epochs=10, weight_decay=1e-4, method="dino", optimizer="sgd",
+        dino_out_dim=65536, dino_momentum=0.996, dino_teacher_temperature=0.04,
+        dino_student_temperature=0.1, dino_freeze_last_layer_epochs=1,
+        proj_layers=3, proj_hidden_dim=2048, proj_dim=256, crop_min_area=0.14,
+        local_crops=8, local_crop_size=96, local_crop_min_area=0.05),
+    # facebookresearch/barlowtwins main.py.
+    "barlow_twins_imagenet.cfg": dict(
+        dataset="tfds:imagenet2012", backbone="resnet50", image_size=224,
+        global_batch_size=2048, train_epochs=1000, peak_lr=0.2 * 2048 / 256,
+        warmup_epochs=10, weight_decay=1e-6, method="barlow_twins",
+        optimizer="lars", barlow_lambd=0.0051, proj_layers=3,
+        proj_hidden_dim=8192, proj_dim=8192, proj_head="barlow_twins"),
+    # facebookresearch/vicreg main_vicreg.py.
+    "vicreg_imagenet.cfg": dict(
+        dataset="tfds:imagenet2012", backbone="resnet50", image_size=224,
+        global_batch_size=2048, train_epochs=1000, peak_lr=0.2 * 2048 / 256,
+        warmup_epochs=10, weight_decay=1e-6, method="vicreg", optimizer="lars",
+        vicreg_sim_weight=25.0, vicreg_var_weight=25.0, vicreg_cov_weight=1.0,
+        proj_layers=3, proj_hidden_dim=8192, proj_dim=8192, proj_head="vicreg"),
     "supcon_cifar10.cfg": dict(
         dataset="tfds:cifar10", backbone="resnet50", image_size=32,
         global_batch_size=1024, train_epochs=1000, peak_lr=0.5,
@@ -185,7 +217,10 @@ def test_pretrain_config_builds_its_model_and_views(path, parse, tmp_path):
   model = train.build_model(config, NUM_CLASSES[d.dataset])
   endpoints = model(tf.zeros((1, d.image_size, d.image_size, 3)))
   assert endpoints["features"].shape[-1] == FEATURE_WIDTH[m.backbone]
-  assert endpoints["projection"].shape[-1] == m.proj_dim
+  # DINO's head ends in --dino_out_dim logits after its --proj_dim bottleneck.
+  out_dim = (config.method_options.get("out_dim", 65536) if config.method == "dino"
+             else m.proj_dim)
+  assert endpoints["projection"].shape[-1] == out_dim
   assert f"proj_{m.proj_layers}" in endpoints
   assert f"proj_{m.proj_layers + 1}" not in endpoints
   assert endpoints["probe_logits"].shape[-1] == NUM_CLASSES[d.dataset]
@@ -214,7 +249,10 @@ def test_pretrain_config_matches_the_published_recipe(name, parse):
       simclr_version=config.data.simclr_version,
       crop_min_area=config.data.crop_min_area, method=config.method,
       optimizer=config.optimizer, proj_hidden_dim=config.model.proj_hidden_dim,
-      proj_dim=config.model.proj_dim, proj_head=config.model.proj_head)
+      proj_dim=config.model.proj_dim, proj_head=config.model.proj_head,
+      local_crops=config.data.local_crops,
+      local_crop_size=config.data.local_crop_size,
+      local_crop_min_area=config.data.local_crop_min_area)
   # The method's own options, by their flag names (byol_momentum, ...).
   values.update({methods.flag_name(config.method, k): v
                  for k, v in config.method_options.items()})
