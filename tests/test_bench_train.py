@@ -139,12 +139,17 @@ def test_method_config_is_the_default_at_its_size(flags_reset):  # pylint: disab
   assert bench_train.method_config("moco_v2", 24).method_options == {
       "queue_size": 4080}
   assert bench_train.method_config("simclr", 8, "bf16").run.mixed_precision
+  # Multi-crop and 3-layer heads: the method's own file's shapes.
+  swav = bench_train.method_config("swav", 128)
+  assert (swav.data.local_crops, swav.data.local_crop_size) == (6, 12)
+  assert swav.method_options["prototypes"] == 512
+  assert bench_train.method_config("vicreg", 128).model.proj_layers == 3
 
 
 def test_methods_info_marks_the_methods_with_hooks():
   info = bench_train.methods_info()
   assert {n for n, i in info.items() if i["hooks"]} == {
-      "byol", "moco_v2", "moco_v3"}
+      "byol", "moco_v2", "moco_v3", "swav", "dino"}
   assert info["supcon"]["needs_labels"] and not info["simclr"]["needs_labels"]
 
 

@@ -56,8 +56,12 @@ runs with its own defaults except two: MoCo v2's queue holds 4096 keys (32
 batches of 128, about 7% of Fashion-MNIST's 60000 training images, as the
 reference's 65536 are 5% of ImageNet; the default 65536 would be more than
 an epoch of stale keys), and BYOL's and MoCo v3's predictors are 512 wide
-(the projector's width). --batch overrides the batch (the queue then
-holds the largest multiple of it up to 4096).
+(the projector's width). SwAV, DINO, Barlow Twins and VICReg, whose views
+or heads differ in shape from the default's (local crops, 3-layer heads,
+prototypes), also read their own configs/<method>_fashion_mnist.cfg, the
+shapes their epochs are budgeted for; their timed batch then holds the local
+crops too. --batch overrides the batch (a queue then holds the largest
+multiple of it up to 4096).
 
 Timed: `model.train_function` on one fixed in-memory batch {"views":
 [B, 2, 28, 28, 3] float32, "label": [B]}, each step ended by reading the
@@ -188,14 +192,18 @@ def _build(cfg):
   return model, macs
 
 
-def _fixed_batch(batch, size, classes):
+def _fixed_batch(batch, size, classes, local_crops=0, local_size=0):
   """The in-memory batch every timed step sees: {"views" [B, 2, S, S, 3],
-  "label" [B]}, from a fixed seed."""
+  "label" [B]}, from a fixed seed; with local crops "views" is
+  {"global": [B, 2, S, S, 3], "local": [B, L, s, s, 3]}."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
-  return {"views": tf.constant(rng.uniform(size=(batch, 2, size, size, 3)),
-                               tf.float32),
+  views = tf.constant(rng.uniform(size=(batch, 2, size, size, 3)), tf.float32)
+  if local_crops:
+    views = {"global": views, "local": tf.constant(rng.uniform(
+        size=(batch, local_crops, local_size, local_size, 3)), tf.float32)}
+  return {"views": views,
           "label": tf.constant(rng.integers(0, classes, batch), tf.int64)}
 
 
@@ -271,6 +279,8 @@ METHOD_STEPS = {"full": (3, 10), "quick": (2, 3)}
 MOCO_QUEUE = 4096  # 32 batches of 128 (the module docstring says why).
 PRED_HIDDEN = 512  # BYOL and MoCo v3 predictors: the projector's width.
 REFERENCE_METHOD = "simclr"
+# Methods timed with their own Fashion-MNIST file (method_config says why).
+OWN_FILE = ("swav", "dino", "barlow_twins", "vicreg")
 
 
 def methods_info():
@@ -290,12 +300,23 @@ def queue_size(batch):
   return max(batch, MOCO_QUEUE // batch * batch)
 
 
+def method_file(name):
+  """The method's own configs/<name>_fashion_mnist.cfg (moco_v2: mocov2_...),
+  or None."""
+  path = os.path.join(_ROOT, "configs",
+                      name.replace("moco_v", "mocov") + "_fashion_mnist.cfg")
+  return path if os.path.exists(path) else None
+
+
 def method_config(name, batch, dtype="fp32"):
   """The PretrainConfig of `name` at the embedded default's size.
 
   DEFAULT_CFG parsed with the trainer's flags, with --method=name, the
   batch, the dtype, and the benchmark's method options; the file's method
-  options are SimCLR's and are dropped for every other method. Parses the
+  options are SimCLR's and are dropped for every other method. A method
+  whose views or heads differ in shape from the default's (multi-crop, a
+  3-layer projector) has its own Fashion-MNIST file read after
+  DEFAULT_CFG, which is what its epochs are budgeted for. Parses the
   process-wide absl FLAGS (from their defaults): meant for the benchmark's
   subprocess.
   """
@@ -304,6 +325,7 @@ def method_config(name, batch, dtype="fp32"):
   from tf_ssl import flags as tf_ssl_flags  # pylint: disable=g-import-not-at-top
   from tf_ssl import methods  # pylint: disable=g-import-not-at-top
   fields = {f.name for f in dataclasses.fields(methods.get(name).Config)}
+  own = name in OWN_FILE and method_file(name)
   options = {}
   if "queue_size" in fields:
     options["queue_size"] = queue_size(batch)
@@ -311,15 +333,16 @@ def method_config(name, batch, dtype="fp32"):
     options["pred_hidden_dim"] = PRED_HIDDEN
   given = {methods.flag_name(name, k): v for k, v in options.items()}
   flags.FLAGS.unparse_flags()  # From the defaults, whatever was parsed before.
-  flags.FLAGS(["bench_train", f"--flagfile={DEFAULT_CFG}",
-               "--workdir=unused", f"--method={name}",
-               f"--global_batch_size={batch}",
-               f"--mixed_precision={dtype == 'bf16'}"] +
-              [f"--{flag}={value}" for flag, value in given.items()])
+  ours = ["--workdir=unused", f"--method={name}", f"--global_batch_size={batch}",
+          f"--mixed_precision={dtype == 'bf16'}"] + [
+              f"--{flag}={value}" for flag, value in given.items()]
+  flags.FLAGS(["bench_train", f"--flagfile={DEFAULT_CFG}"] + ours)
   if name != REFERENCE_METHOD:
     for flag in methods.flag_owners():
       if flag not in given and flags.FLAGS[flag].present:
         flags.FLAGS[flag].unparse()
+  if own:
+    flags.FLAGS(["bench_train", f"--flagfile={own}"] + ours)
   return tf_ssl_flags.pretrain_config()
 
 
@@ -334,9 +357,11 @@ def _hooked_variables(model):
   target = []
   for online, tgt in model.method.targets(model):
     target += ema.paired_variables([online], [tgt])[1]
-  queue = []
-  if hasattr(model, "queue"):  # The keys, not the write pointer.
-    queue = [v for v in model.queue.variables if v.dtype.startswith("float")]
+  from tf_ssl.models.queue import KeyQueue  # pylint: disable=g-import-not-at-top
+  queue = []  # The keys, not the write pointers.
+  for layer in model._flatten_layers():  # pylint: disable=protected-access
+    if isinstance(layer, KeyQueue):
+      queue += [v for v in layer.variables if v.dtype.startswith("float")]
   return {"target": target, "queue": queue}
 
 
@@ -369,20 +394,22 @@ def run_method(job):
   steps_per_epoch = max(1, FASHION_MNIST_TRAIN // b)
   total_steps = config.train_steps or runner.whole_executions(
       config.train_epochs * steps_per_epoch, config.run.steps_per_execution)
-  method = train.build_method(config, total_steps)
+  method = train.build_method(config, total_steps, steps_per_epoch)
   if not job["hooks"]:
     method.before_step = _no_op
     method.after_update = _no_op
   model = train.build_model(config, FASHION_MNIST_CLASSES, method)
   optimizer, _ = train.build_optimizer(config, steps_per_epoch, total_steps,
-                                       method.optimizer_exclusions())
+                                       method.optimizer_exclusions(),
+                                       method.learning_rate_multipliers())
   model.compile(optimizer=optimizer, jit_compile=False)
   optimizer.build(model.trainable_variables)
   watched = _hooked_variables(model)
   before = {k: [np.asarray(v.numpy(), np.float64) for v in vs]
             for k, vs in watched.items()}
   s = config.data.image_size
-  data = _fixed_batch(b, s, FASHION_MNIST_CLASSES)
+  data = _fixed_batch(b, s, FASHION_MNIST_CLASSES, config.data.local_crops,
+                      config.data.local_crop_size)
   times, cpu, loss = _time_steps(model, data, job["warmup"], job["timed"], job)
   m = config.model
   return {"times": times, "cpu_times": cpu, "loss": loss,
