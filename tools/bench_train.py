@@ -331,6 +331,8 @@ def method_config(name, batch, dtype="fp32"):
     options["queue_size"] = queue_size(batch)
   if "pred_hidden_dim" in fields:
     options["pred_hidden_dim"] = PRED_HIDDEN
+  if "queue_start_epoch" in fields:  # SwAV: enqueue from the first step
+    options["queue_start_epoch"] = 0
   given = {methods.flag_name(name, k): v for k, v in options.items()}
   flags.FLAGS.unparse_flags()  # From the defaults, whatever was parsed before.
   ours = ["--workdir=unused", f"--method={name}", f"--global_batch_size={batch}",
