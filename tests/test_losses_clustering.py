@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from numeric import fd_grad
 from replicas import run_sharded
 from tf_ssl import losses
 from tf_ssl.losses import barlow_twins, dino, dino_center, sinkhorn, swav, vicreg
@@ -92,21 +93,6 @@ def np_vicreg_terms(z1, z2):
 
 def np_vicreg(z1, z2, weights=(25.0, 25.0, 1.0)):
   return float(np.dot(weights, np_vicreg_terms(z1, z2)))
-
-
-def fd_grad(f, x, h=1e-6):
-  """Central finite differences of the scalar f(x), in float64."""
-  x = np.array(x, np.float64)
-  g = np.zeros_like(x)
-  for idx in np.ndindex(x.shape):
-    old = x[idx]
-    x[idx] = old + h
-    up = f(x)
-    x[idx] = old - h
-    down = f(x)
-    x[idx] = old
-    g[idx] = (up - down) / (2 * h)
-  return g
 
 
 # --------------------------------------------------------------------- data

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from numeric import fd_grad
 from replicas import run_sharded
 from tf_ssl.losses import byol, moco, moco_v3
 
@@ -56,21 +57,6 @@ def np_moco_v3(q, k, tau, offset=None):
     j = i if offset is None else offset(i)
     losses.append(_logsumexp(logits) - logits[j])
   return 2 * tau * np.mean(losses)
-
-
-def fd_grad(f, x, h=1e-6):
-  """Central finite differences of the scalar f(x), in float64."""
-  x = np.array(x, np.float64)
-  g = np.zeros_like(x)
-  for idx in np.ndindex(x.shape):
-    old = x[idx]
-    x[idx] = old + h
-    up = f(x)
-    x[idx] = old - h
-    down = f(x)
-    x[idx] = old
-    g[idx] = (up - down) / (2 * h)
-  return g
 
 
 # --------------------------------------------------------------------- data
