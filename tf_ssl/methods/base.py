@@ -154,8 +154,7 @@ class Method:
   def online(self, model, images):
     """(features, the predictor's output) of the online network in training
     mode: BYOL's and MoCo v3's query path."""
-    features = model.backbone(images, training=True)["features"]
-    z = model.projection_head(features, training=True)["projection"]
+    features, z = self.project(model, images)
     return features, model.predictor(z, training=True)["projection"]
 
   # ------------------------------------------------------------------- views
