@@ -6,7 +6,8 @@ names; `init_kind(init)` says which it is. Every load is all-or-nothing:
 each target variable must find a value of its shape and each source value
 of the selected part a target, otherwise nothing is assigned and one
 ValueError lists what differs (another depth or width, a missing head, a
-file that is not a tf_ssl export).
+file that is not a tf_ssl export). `pretraining_flags(init)` reads the
+architecture and data flags of the run that wrote `init` from its flags.txt.
 """
 
 import os
@@ -52,6 +53,56 @@ def init_kind(init):
       "(with saved_model.pb), a checkpoint prefix (.../ckpt-N), a directory "
       "of checkpoints or a pretraining workdir; pass --init=none for a "
       "random initialisation.")
+
+
+# Pretraining flags that describe the model and data, read from a workdir's
+# flags.txt by the tools that evaluate it (label_efficiency, layer_probe).
+INHERITED_FLAGS = ("backbone", "small_image_stem", "image_size", "dataset", "data_dir")
+
+
+def pretraining_flags(init):
+  """Model and data flags of the pretraining run that wrote `init`.
+
+  Looks for flags.txt in the checkpoint's directory and its parent (a
+  workdir holds checkpoints/ and flags.txt), or in and above a SavedModel.
+
+  Returns:
+    {flag: value} for the INHERITED_FLAGS found ({} without a flags.txt).
+  """
+  kind, path = init_kind(init)
+  if kind == "none":
+    return {}
+  start = os.path.dirname(path) if kind == "checkpoint" else path
+  for directory in (start, os.path.dirname(start.rstrip("/"))):
+    flagfile = os.path.join(directory, "flags.txt")
+    if tf.io.gfile.exists(flagfile):
+      with tf.io.gfile.GFile(flagfile) as f:
+        return _parse_flagfile(f.read())
+  return {}
+
+
+def _parse_flagfile(text):
+  values = {}
+  for line in text.splitlines():
+    line = line.strip()
+    if not line.startswith("--"):
+      continue
+    name, has_value, value = line[2:].partition("=")
+    if has_value:
+      values[name] = value
+    elif name.startswith("no") and name[2:] in INHERITED_FLAGS:
+      values[name[2:]] = "false"
+    else:
+      values[name] = "true"
+  found = {}
+  for name in INHERITED_FLAGS:
+    if name in values:
+      found[name] = values[name]
+  if "image_size" in found:
+    found["image_size"] = int(found["image_size"])
+  if "small_image_stem" in found:
+    found["small_image_stem"] = found["small_image_stem"].lower() in ("true", "1")
+  return found
 
 
 def _latest_checkpoint(directory):

@@ -74,56 +74,13 @@ from tf_ssl.models import build_backbone
 
 METHODS = ("linear", "finetune", "scratch")
 DEFAULT_LABELS = "10,20,50,100,200,all"
-# Pretraining flags that describe the model and data, read from flags.txt.
-INHERITED = ("backbone", "small_image_stem", "image_size", "dataset", "data_dir")
+# Pretraining flags that describe the model and data, read from flags.txt
+# (tf_ssl.pretrained.pretraining_flags, shared with tools/layer_probe.py).
+INHERITED = pretrained.INHERITED_FLAGS
+pretraining_flags = pretrained.pretraining_flags
 
 
 # ------------------------------------------------------------- configuration
-def pretraining_flags(init):
-  """Model and data flags of the pretraining run that wrote `init`.
-
-  Looks for flags.txt in the checkpoint's directory and its parent (a
-  workdir holds checkpoints/ and flags.txt), or in and above a SavedModel.
-
-  Returns:
-    {flag: value} for the INHERITED flags found ({} without a flags.txt).
-  """
-  kind, path = pretrained.init_kind(init)
-  if kind == "none":
-    return {}
-  start = os.path.dirname(path) if kind == "checkpoint" else path
-  for directory in (start, os.path.dirname(start.rstrip("/"))):
-    flagfile = os.path.join(directory, "flags.txt")
-    if tf.io.gfile.exists(flagfile):
-      with tf.io.gfile.GFile(flagfile) as f:
-        return _parse_flagfile(f.read())
-  return {}
-
-
-def _parse_flagfile(text):
-  values = {}
-  for line in text.splitlines():
-    line = line.strip()
-    if not line.startswith("--"):
-      continue
-    name, has_value, value = line[2:].partition("=")
-    if has_value:
-      values[name] = value
-    elif name.startswith("no") and name[2:] in INHERITED:
-      values[name[2:]] = "false"
-    else:
-      values[name] = "true"
-  found = {}
-  for name in INHERITED:
-    if name in values:
-      found[name] = values[name]
-  if "image_size" in found:
-    found["image_size"] = int(found["image_size"])
-  if "small_image_stem" in found:
-    found["small_image_stem"] = found["small_image_stem"].lower() in ("true", "1")
-  return found
-
-
 def parse_label_counts(text):
   """"10,20,all" -> [10, 20, None] (None: every label), sorted, "all" last."""
   counts = []
