@@ -183,6 +183,23 @@ def _saved_part(reader, checkpoint_path, part):
   return saved
 
 
+def saved_shapes(checkpoint_path, part):
+  """{relative name: shape} of one part of a make_checkpoint checkpoint.
+
+  E.g. saved_shapes(path, "probe_head")["kernel"] is (feature width, classes
+  of the online probe): a tool can tell the dataset a run was trained on
+  from it without building the model.
+
+  Raises:
+    ValueError: as restore_variables, when the checkpoint lacks the part.
+  """
+  checkpoint_path = _resolve(checkpoint_path)
+  reader = tf.train.load_checkpoint(checkpoint_path)
+  shapes = reader.get_variable_to_shape_map()
+  return {name: tuple(shapes[key]) for name, key in
+          _saved_part(reader, checkpoint_path, part).items()}
+
+
 def restore_variables(targets, checkpoint_path, part, select=None):
   """Assigns one part of a make_checkpoint checkpoint to `targets`, all or none.
 

@@ -40,6 +40,45 @@ def extract_features(embed_fn, batches, endpoint="features"):
   return np.concatenate(features), np.concatenate(labels)
 
 
+def extract_pooled_features(embed_fn, batches, endpoints):
+  """Globally average-pooled features of several endpoints in one pass.
+
+  For layer-wise probes (tools/layer_probe.py): feature maps [B, H, W, C]
+  (a backbone's "stem", "block1".."block4") are averaged over H and W to
+  [B, C] inside the traced function, so no map is kept; [B, D] endpoints
+  ("features") are kept as they are.
+
+  Args:
+    embed_fn: as in extract_features.
+    batches: as in extract_features.
+    endpoints: the names to keep, e.g. ["stem", "block1", "features"].
+
+  Returns:
+    ({endpoint: float32 [N, C]} in the order of `endpoints`, labels int64
+    [N]) as NumPy arrays.
+  """
+  def pooled(images):
+    out = embed_fn(images, training=False)
+    result = {}
+    for name in endpoints:
+      x = tf.cast(out[name], tf.float32)
+      result[name] = tf.reduce_mean(x, axis=[1, 2]) if x.shape.rank == 4 else x
+    return result
+
+  embed = tf.function(pooled)
+  features, labels = {name: [] for name in endpoints}, []
+  for batch in batches:
+    keep = np.asarray(batch["mask"]) > 0
+    out = embed(batch["image"])
+    for name in endpoints:
+      features[name].append(out[name].numpy()[keep])
+    labels.append(np.asarray(batch["label"])[keep])
+  if not labels:
+    raise ValueError("extract_features got no batches: is the eval split empty?")
+  return ({name: np.concatenate(features[name]) for name in endpoints},
+          np.concatenate(labels))
+
+
 def extract_features_distributed(strategy, embed_fn, batches, endpoint="features"):
   """extract_features on every replica of `strategy`, gathered on each host.
 
