@@ -333,10 +333,9 @@ def run(runs, out, options=Options(), overrides=None, recompute=False):
       logging.info("%s (%d/%d): cached in %s", label, i + 1, len(runs), path)
     else:
       if record:
-        changed = sorted(k for k in set(record.get("settings", {})) | set(settings[label])
-                         if record.get("settings", {}).get(k) != settings[label].get(k))
-        logging.info("%s: settings changed since %s (%s); probing again", label,
-                     path, ", ".join(changed))
+        logging.info("%s: %s changed since %s; probing again", label,
+                     ", ".join(_changed(record.get("settings", {}), settings[label])),
+                     path)
       s = settings[label]
       logging.info("%s (%d/%d): probing %s", label, i + 1, len(runs), s["checkpoint"])
       key = (s["dataset"], s["data_dir"])
@@ -355,6 +354,10 @@ def run(runs, out, options=Options(), overrides=None, recompute=False):
     _write_json(table, os.path.join(out, "layer_probe.json"))
     plot(table, os.path.join(out, "layer_probe.png"), "; ".join(titles))
   return table
+
+
+def _changed(old, new):
+  return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
 def _read_json(path):
