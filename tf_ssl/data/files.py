@@ -63,9 +63,13 @@ class FolderSource(sources.Source):
   folder of unlabelled images (labels -1).
 
   Files whose extension is not one of IMAGE_EXTENSIONS are ignored with one
-  warning that counts them. `flag` (the --dataset value) names the source in
-  errors; the Source's name is folder:<root>, the folder actually read.
+  warning that counts them. "index" is the file's position in the sorted
+  list (classes in order, files sorted within each). `flag` (the --dataset
+  value) names the source in errors; the Source's name is folder:<root>,
+  the folder actually read.
   """
+
+  has_index = True
 
   def __init__(self, root, flag=None):
     name = f"folder:{root}"
@@ -100,7 +104,8 @@ class FolderSource(sources.Source):
     self._labels = np.array(labels, np.int64)
 
   def records(self, input_context=None, exact_shards=False):
-    ds = tf.data.Dataset.from_tensor_slices((self.paths, self._labels))
+    ds = tf.data.Dataset.from_tensor_slices(
+        (self.paths, self._labels, np.arange(len(self.paths), dtype=np.int64)))
     ds = sources.shard(ds, input_context)
     return ds.map(_read, num_parallel_calls=tf.data.AUTOTUNE)
 
@@ -119,7 +124,8 @@ class FolderSource(sources.Source):
     count = int(paths.shape[0])
     order = tf.data.Dataset.range(count).shuffle(
         max(1, count), seed=seed, reshuffle_each_iteration=True)
-    return order.map(lambda k: _read(tf.gather(paths, k), tf.gather(labels, k)),
+    return order.map(lambda k: _read(tf.gather(paths, k), tf.gather(labels, k),
+                                     i + k * n),
                      num_parallel_calls=tf.data.AUTOTUNE)
 
   def labels(self):
@@ -134,8 +140,9 @@ class FolderSource(sources.Source):
     return sub
 
 
-def _read(path, label):
-  return {"encoded": tf.io.read_file(path), "label": label}
+def _read(path, label, index):
+  return {"encoded": tf.io.read_file(path), "label": label,
+          "index": tf.cast(index, tf.int64)}
 
 
 _FEATURES = {

@@ -4,7 +4,10 @@ Batch formats (what the trainer relies on):
   pretrain: {"views": float32 [B, V, S, S, 3] in [0, 1], "label": int64 [B]};
             with an augment.MultiCropAugment "views" is a dict of its groups
             in order, {name: float32 [B, V_g, S_g, S_g, 3]}, e.g.
-            {"global": [B, 2, 224, 224, 3], "local": [B, 6, 96, 96, 3]}.
+            {"global": [B, 2, 224, 224, 3], "local": [B, 6, 96, 96, 3]}
+            (tf_ssl.data.jigsaw.JigsawAugment: tiles, or {"global", "tiles"}).
+            With a source that has_index, also "index": int64 [B], each
+            example's record index.
   eval:     {"image": float32 [B, S, S, 3] in [0, 1], "label": int64 [B],
              "mask": float32 [B] (1 real example, 0 padding)}
   finetune: {"image": float32 [B, S, S, 3], "label": int64 [B]}, or with
@@ -171,6 +174,11 @@ def _finish(ds, deterministic, batch_fn=None, seeds=None):
   return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
+def _index(record):
+  """{"index": the record's index} when the record has one, else {}."""
+  return {"index": record["index"]} if "index" in record else {}
+
+
 def _fixed_size_records(source):
   """True when records are decoded pixels of one static shape (arrays)."""
   if source.encoded:  # spares building a reader just to look
@@ -199,7 +207,7 @@ def _pretrain_whole_batches(source, batch_size, augment, input_context, seeds,
     s = tf.random.experimental.stateless_split(
         tf.random.experimental.stateless_fold_in(seeds.batch, i), 2)
     views = augment.distort(augment.crop_batch(b["image"], s[0]), s[1])
-    return check({"views": views, "label": b["label"]})
+    return check(dict(_index(b), views=views, label=b["label"]))
   ds = ds.enumerate().map(fn, num_parallel_calls=tf.data.AUTOTUNE)
   return _finish(ds, deterministic)
 
@@ -233,8 +241,8 @@ def build_pretrain(source, batch_size, augment, input_context=None, seed=None,
 
   def example(r, s):
     if augment.batch_level:  # scaled to [0, 1] inside the batch distortion
-      return {"views": augment._crops_255(r, s)}  # pylint: disable=protected-access
-    return {"views": augment(r, s)}
+      return dict(_index(r), views=augment._crops_255(r, s))  # pylint: disable=protected-access
+    return dict(_index(r), views=augment(r, s))
   ds = _examples(source, input_context, seeds, example, cache=cache,
                  shuffle_buffer=shuffle_buffer, repeat=True)
   ds = ds.batch(batch_size, drop_remainder=True)

@@ -1,10 +1,13 @@
 """Image sources: one interface over tfds, folders, TFRecords, IDX and arrays.
 
 Every source yields dicts {"image": uint8 [H, W, 3], "label": int64 scalar}
-with label -1 for unlabelled examples. Internally a source produces *records*
-that may still hold the encoded file ({"encoded": string, "label"}), so the
-augmentation can decode only the crop window of a JPEG (see augment.py);
-`Source.dataset` decodes them for everyone else.
+with label -1 for unlabelled examples, and "index" (int64, the example's
+position in the source's record order, the same in every epoch and on every
+input pipeline) when the source can give one (`has_index`; PIRL's memory
+bank needs it). Internally a source produces *records* that may still hold
+the encoded file ({"encoded": string, "label"}), so the augmentation can
+decode only the crop window of a JPEG (see augment.py); `Source.dataset`
+decodes them for everyone else.
 
 All file access goes through tf.io.gfile, so any path may be a gs:// bucket.
 """
@@ -26,12 +29,16 @@ def decode_image(encoded):
 
 
 def decode_record(record):
-  """Turns a record ({"image"} or {"encoded"}, "label") into the public dict."""
+  """Turns a record ({"image"} or {"encoded"}, "label"[, "index"]) into the
+  public dict."""
   if "encoded" in record:
     image = decode_image(record["encoded"])
   else:
     image = to_rgb(record["image"])
-  return {"image": image, "label": record["label"]}
+  out = {"image": image, "label": record["label"]}
+  if "index" in record:
+    out["index"] = record["index"]
+  return out
 
 
 def to_rgb(image):
@@ -63,7 +70,10 @@ class Source:
     image_size: (height, width) when every image has it, else None.
     encoded: True when records hold encoded bytes ("encoded") rather than
       decoded pixels ("image").
+    has_index: records carry "index", the example's position in record
+      order (0 .. num_examples - 1).
   """
+  has_index = False
 
   def __init__(self, name, num_examples, num_classes, image_size, encoded):
     self.name = name
@@ -129,7 +139,8 @@ class Source:
 
 
 class ArraySource(Source):
-  """Images held in memory as NumPy arrays."""
+  """Images held in memory as NumPy arrays; "index" is the array row."""
+  has_index = True
 
   def __init__(self, images, labels=None, num_classes=None, name="arrays"):
     images = np.asarray(images)
@@ -165,8 +176,9 @@ class ArraySource(Source):
     # Slicing NumPy before building the dataset keeps each pipeline's graph
     # constant to its own shard.
     ds = tf.data.Dataset.from_tensor_slices(
-        {"image": self.images[i::n], "label": self._labels[i::n]})
-    return ds.map(lambda r: {"image": to_rgb(r["image"]), "label": r["label"]})
+        {"image": self.images[i::n], "label": self._labels[i::n],
+         "index": np.arange(self.num_examples, dtype=np.int64)[i::n]})
+    return ds.map(lambda r: dict(r, image=to_rgb(r["image"])))
 
   def labels(self):
     return self._labels.copy()

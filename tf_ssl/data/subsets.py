@@ -75,8 +75,10 @@ class IndexedSubset(sources.Source):
   and keeps the chosen records; they are cached in memory, so the following
   epochs of the same dataset read only the subset (the 1% ImageNet subset
   is ~13k records, ~1.4 GB of JPEGs split over the input pipelines; the
-  parent is 1.28M). The parent's size need not be known.
+  parent is 1.28M). The parent's size need not be known. "index" is the
+  record's position in the subset.
   """
+  has_index = True
 
   def __init__(self, parent, indices):
     indices = np.unique(np.asarray(indices, np.int64))
@@ -95,5 +97,6 @@ class IndexedSubset(sources.Source):
       at = tf.minimum(tf.searchsorted(indices, i[None])[0], last)
       return tf.equal(tf.gather(indices, at), i)
     ds = self.parent.records(None).take(int(self.indices[-1]) + 1).enumerate()
-    ds = ds.filter(chosen).map(lambda i, r: r)
+    ds = ds.filter(chosen).enumerate().map(
+        lambda k, x: dict(x[1], index=tf.cast(k, tf.int64)))
     return sources.shard(ds, input_context).cache()

@@ -1,5 +1,8 @@
 """A tensorflow-datasets dataset as a Source, read from data_dir, never downloaded."""
 
+import os
+
+import numpy as np
 import tensorflow as tf
 
 from tf_ssl.data import sources
@@ -11,6 +14,10 @@ class TfdsSource(sources.Source):
   Images are read undecoded (tfds SkipDecoding), so JPEG datasets such as
   imagenet2012 get the crop-window decode of augment.py. A split without a
   "label" feature, or with label -1 (stl10's "unlabelled"), is unlabelled.
+  "index" is the example's position in the split (sub-splits such as
+  "train[:10%]" count from their own start), from tfds' per-example id
+  (file, position in the file) and the split's file instructions, so it
+  does not depend on the order the files are read in.
   """
 
   def __init__(self, dataset, split="train", data_dir=None):
@@ -42,6 +49,16 @@ class TfdsSource(sources.Source):
                      getattr(label, "num_classes", None), size, True)
     self.split = split
     self._has_label = label is not None
+    # Each file the split reads, and what turns a position in that file into
+    # the example's number in the split: the examples read before the file
+    # minus the positions skipped in it (take -1: to the end of the file).
+    files = info.splits[split].file_instructions
+    taken = [f.take if f.take >= 0 else f.examples_in_shard - f.skip for f in files]
+    self._files = [os.path.basename(f.filename) for f in files]
+    self._starts = np.cumsum([0] + taken[:-1]) - np.array([f.skip for f in files])
+    # A split that reads one file twice ("train[:5]+train[:5]") has no
+    # unique index.
+    self.has_index = len(set(self._files)) == len(self._files)
 
   def records(self, input_context=None, exact_shards=False):
     return self._read(input_context, exact_shards, None)
@@ -63,12 +80,25 @@ class TfdsSource(sources.Source):
     read_config = tfds.ReadConfig(
         try_autocache=False, input_context=input_context if by_file else None,
         shuffle_seed=seed,
-        shuffle_reshuffle_each_iteration=True if seed is not None else None)
+        shuffle_reshuffle_each_iteration=True if seed is not None else None,
+        add_tfds_id=self.has_index)
     ds = self.builder.as_dataset(
         split, shuffle_files=seed is not None, read_config=read_config,
         decoders={"image": tfds.decode.SkipDecoding()})
     has_label = self._has_label
-    return ds.map(lambda x: {
-        "encoded": x["image"],
-        "label": (tf.cast(x["label"], tf.int64) if has_label
-                  else tf.constant(-1, tf.int64))})
+
+    def record(x):
+      out = {"encoded": x["image"],
+             "label": (tf.cast(x["label"], tf.int64) if has_label
+                       else tf.constant(-1, tf.int64))}
+      if self.has_index:
+        out["index"] = self._index(x["tfds_id"])
+      return out
+    return ds.map(record)
+
+  def _index(self, tfds_id):
+    """The split position of the example tfds calls "<file>__<position>"."""
+    parts = tf.strings.split(tfds_id, "__")
+    position = tf.strings.to_number(parts[-1], tf.int64)
+    file = tf.argmax(tf.cast(tf.equal(self._files, parts[0]), tf.int32))
+    return tf.gather(tf.constant(self._starts, tf.int64), file) + position
