@@ -39,8 +39,9 @@ def make_backbone(config):
   return build_backbone(m.backbone, small_image_stem=m.small_image_stem, **kwargs)
 
 
-def build_method(config, total_steps=1, steps_per_epoch=None):
-  """The --method's Method with its options and the --proj_* projector."""
+def build_method(config, total_steps=1, steps_per_epoch=None, num_examples=None):
+  """The --method's Method with its options and the --proj_* projector;
+  num_examples: the training examples (a memory bank's rows)."""
   m = config.model
   head = methods.HeadSpec(hidden_dim=m.proj_hidden_dim or None, output_dim=m.proj_dim,
                           num_layers=m.proj_layers, kind=m.proj_head,
@@ -48,7 +49,18 @@ def build_method(config, total_steps=1, steps_per_epoch=None):
   return methods.create(config.method, config.method_options, head=head,
                         total_steps=total_steps,
                         global_batch_size=config.global_batch_size,
-                        steps_per_epoch=steps_per_epoch)
+                        steps_per_epoch=steps_per_epoch,
+                        num_examples=num_examples, seed=config.run.seed)
+
+
+def check_batch_entries(method, source, dataset_flag):
+  """UserError (one line) when the method needs a batch entry (e.g. each
+  example's "index") that `source` cannot give."""
+  if "index" in method.batch_entries and not source.has_index:
+    raise runner.UserError(
+        f"--method={method.name} needs each example's index, and --dataset="
+        f"{dataset_flag} ({source.name}) cannot give one; use fashion_mnist, "
+        "folder:<path> or tfds:<name>.")
 
 
 def build_model(config, num_classes, method=None):
@@ -219,7 +231,9 @@ def _main():
     spe = run.steps_per_execution
     total_steps = config.train_steps or runner.whole_executions(
         config.train_epochs * steps_per_epoch, spe)
-    method = build_method(config, total_steps, steps_per_epoch)
+    method = build_method(config, total_steps, steps_per_epoch,
+                          train_source.num_examples)
+    check_batch_entries(method, train_source, d.dataset)
     views = method.augment(d)
 
     # ----------------------------------------------------- model + optimizer

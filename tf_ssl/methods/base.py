@@ -14,6 +14,7 @@ import dataclasses
 
 import tensorflow as tf
 
+from tf_ssl import distribute
 from tf_ssl import optim
 from tf_ssl.data import augment
 from tf_ssl.models import ema
@@ -61,6 +62,12 @@ class Method:
       With multi-crop these are the global views.
     multi_crop: the method takes local crops besides its global views (a
       batch's "views" is then {"global": [B, V, ...], "local": [B, L, ...]}).
+    own_views: the method makes views of its own kind (`augment`), whatever
+      --num_views says (rotation, jigsaw, PIRL); `num_views` then only
+      documents them.
+    batch_entries: batch entries besides "views" and "label" that `forward`
+      takes as keyword arguments, e.g. ("index",): each example's record
+      index, which the pipeline carries when the source can give one.
   """
   name = ""
   needs_labels = False
@@ -69,6 +76,8 @@ class Method:
   metric_names = ()
   num_views = 2
   multi_crop = False
+  own_views = False
+  batch_entries = ()
 
   default_head = "simclr"
 
@@ -77,7 +86,8 @@ class Method:
     """The method's options: the fields of its --<prefix>_* flags."""
 
   def __init__(self, config=None, *, head=None, total_steps=1,
-               global_batch_size=None, steps_per_epoch=None):
+               global_batch_size=None, steps_per_epoch=None, num_examples=None,
+               seed=0):
     """
     Args:
       config: the method's Config (its options); None: the defaults.
@@ -88,12 +98,18 @@ class Method:
         hold whole batches).
       steps_per_epoch: steps in one pass over the training data, for
         options counted in epochs; None: total_steps.
+      num_examples: examples in the training data (a memory bank holds one
+        row per example); None: not known.
+      seed: the run's seed, for draws the method makes inside the step
+        (`hashed_ints`).
     """
     self.config = self.Config() if config is None else config
     self.head = HeadSpec() if head is None else head
     self.total_steps = int(total_steps)
     self.global_batch_size = global_batch_size
     self.steps_per_epoch = int(steps_per_epoch or total_steps)
+    self.num_examples = None if num_examples is None else int(num_examples)
+    self.seed = int(seed)
 
   def epoch(self, step):
     """The epoch (0, 1, ...) that `step` is in, as an int32 tensor."""
@@ -187,6 +203,11 @@ class Method:
     if local_crops and not cls.multi_crop:
       raise ValueError(f"--method={cls.name} takes no local crops; got "
                        f"--local_crops={local_crops} (swav and dino do).")
+    if cls.own_views:
+      if num_views != DEFAULT_NUM_VIEWS:
+        raise ValueError(f"--method={cls.name} makes views of its own "
+                         f"(docs/recipes.md); drop --num_views={num_views}.")
+      return
     if cls.num_views is not None and num_views != cls.num_views:
       raise ValueError(f"--method={cls.name} takes {cls.num_views} views "
                        f"per image; got --num_views={num_views}.")
@@ -197,8 +218,9 @@ class Method:
   def before_step(self, model, step):
     """Runs at the start of each train step, before the forward pass."""
 
-  def forward(self, model, views, labels):
-    """The loss of one batch: views [B, V, H, W, C], labels [B] or None.
+  def forward(self, model, views, labels, **entries):
+    """The loss of one batch: views [B, V, H, W, C], labels [B] or None,
+    and the batch's `batch_entries` by name (e.g. index [B]).
 
     Runs under the train step's GradientTape; returns a StepOutput.
     """
@@ -234,6 +256,52 @@ def asymmetric_views(data, version=2):
 
 
 GLOBAL, LOCAL = "global", "local"
+# --num_views' default: what methods with `own_views` accept (it is unused).
+DEFAULT_NUM_VIEWS = 2
+
+
+def global_rows(b):
+  """int32 [b]: the global batch rows of this replica's b rows (replica r
+  holds rows [r * b, (r + 1) * b), as the input pipeline splits a batch)."""
+  return tf.range(b) + distribute.replica_id() * b
+
+
+def _mix(x):
+  """A bijective avalanche of uint32 values (the "lowbias32" integer hash of
+  C. Wellons' hash-prospector)."""
+  shift = lambda v, n: tf.bitwise.right_shift(v, tf.constant(n, tf.uint32))
+  x = tf.bitwise.bitwise_xor(x, shift(x, 16)) * tf.constant(0x7feb352d, tf.uint32)
+  x = tf.bitwise.bitwise_xor(x, shift(x, 15)) * tf.constant(0x846ca68b, tf.uint32)
+  return tf.bitwise.bitwise_xor(x, shift(x, 16))
+
+
+def hashed_ints(key, rows, n, maxval):
+  """int64 [len(rows), n], each uniform in [0, maxval): a counter-based hash
+  of (key..., row, j) for j < n.
+
+  The draws a method makes inside the train step (a permutation, negatives)
+  depend only on the key (the seed, the step, what they are for) and the
+  GLOBAL row, never on which replica holds the row, so a batch draws the same
+  values on 1 and on N replicas. Each value is the top of a 32-bit hash
+  scaled to [0, maxval) (multiply-shift; the bias is below maxval / 2^32).
+
+  Args:
+    key: integers or integer tensors (e.g. (seed, step, 1)).
+    rows: int [b] global rows (`global_rows`).
+    n: values per row (a Python int).
+    maxval: a Python int in [1, 2^31].
+  """
+  if not 1 <= maxval <= 2**31:
+    raise ValueError(f"hashed_ints: maxval={maxval} must be in [1, 2^31].")
+  h = tf.constant(0x9e3779b9, tf.uint32)
+  for k in key:
+    k = tf.cast(tf.convert_to_tensor(k), tf.int64) % 2**32
+    h = _mix(tf.bitwise.bitwise_xor(h, tf.cast(k, tf.uint32)))
+  rows = tf.cast(tf.cast(rows, tf.int64) % 2**32, tf.uint32)
+  h = _mix(tf.bitwise.bitwise_xor(h, rows))[:, None]
+  j = _mix(tf.cast(tf.range(n, dtype=tf.int64) + 0x632be5ab, tf.uint32))
+  h = _mix(tf.bitwise.bitwise_xor(h, j[None]))
+  return tf.bitwise.right_shift(tf.cast(h, tf.int64) * maxval, 32)
 
 
 def crop_counts(views):

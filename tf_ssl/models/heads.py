@@ -148,11 +148,7 @@ class ProjectionHead(keras.layers.Layer):
           name=f"batch_norm_{i}", dtype=self.dtype_policy)
       bn.build((None, units))
       return bn
-    # nn.Linear's default: kaiming_uniform(a=sqrt(5)) for the kernel, i.e.
-    # U(+-1/sqrt(fan_in)), and the same bound for the bias.
-    torch_kernel = keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform")
-    bound = 1.0 / math.sqrt(fan_in)
-    torch_bias = keras.initializers.RandomUniform(-bound, bound)
+    torch_kernel, torch_bias = torch_initializers(fan_in)
     dense = lambda use_bias, kernel, bias="zeros": keras.layers.Dense(
         units, use_bias=use_bias, kernel_initializer=kernel,
         bias_initializer=bias, name=f"dense_{i}", dtype=self.dtype_policy)
@@ -197,6 +193,23 @@ class ProjectionHead(keras.layers.Layer):
                   sync_bn=self.sync_bn, bn_momentum=self.bn_momentum,
                   bn_epsilon=self.bn_epsilon, last_bn=self.last_bn)
     return config
+
+
+def torch_initializers(fan_in):
+  """(kernel, bias) initializers of PyTorch's nn.Linear: kaiming_uniform
+  with a=sqrt(5) for the kernel, i.e. U(+-1/sqrt(fan_in)), and the same
+  bound for the bias."""
+  bound = 1.0 / math.sqrt(fan_in)
+  return (keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform"),
+          keras.initializers.RandomUniform(-bound, bound))
+
+
+def torch_linear(units, fan_in, use_bias=True, **kwargs):
+  """A Dense layer initialised as PyTorch's nn.Linear(fan_in, units) (the
+  pretext heads of RotNet, Jigsaw and PIRL in VISSL)."""
+  kernel, bias = torch_initializers(fan_in)
+  return keras.layers.Dense(units, use_bias=use_bias, kernel_initializer=kernel,
+                            bias_initializer=bias, **kwargs)
 
 
 @keras.saving.register_keras_serializable(package="tf_ssl")

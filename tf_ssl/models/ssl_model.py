@@ -9,7 +9,8 @@ the summed gradient equals the gradient of the global-batch loss on one
 device. A step is:
 
     method.before_step   (e.g. the target's EMA)
-    method.forward       (views -> loss, under the tape) + the probe's loss
+    method.forward       (views and the method's batch entries -> loss,
+                         under the tape) + the probe's loss
     optimizer update     (of the trainable variables; targets are frozen)
     method.after_update  (e.g. the enqueue of this step's keys)
 """
@@ -166,10 +167,11 @@ class SSLModel(keras.Model):
   def train_step(self, data):
     views = data["views"]
     labels = data.get("label")
+    entries = {name: data[name] for name in self.method.batch_entries}
     step = self.optimizer.iterations
     self.method.before_step(self, step)
     with tf.GradientTape() as tape:
-      out = self.method.forward(self, views, labels)
+      out = self.method.forward(self, views, labels, **entries)
       loss = out.loss
       probe = tf.constant(0.0)
       if self.probe_head is not None and labels is not None:
