@@ -33,15 +33,22 @@ before the ratio) and under SGD (it is the learning rate):
     Twins"). No scale factor (its early --scale-loss is gone).
   vicreg: 25 * invariance + 25 * variance + 1 * covariance with the variance
     term HALVED as in VICReg's main_vicreg.py, not the paper ("VICReg").
+  pirl: the mean over this replica's rows of one NCE term against the
+    memory bank (VISSL's NCECriterion); the method mixes the image and
+    jigsaw terms with 1 - lambda and lambda ("PIRL").
 So `supcon` with distinct labels and two views is HALF of `nt_xent`.
 """
 
+import math
 import numbers
 
 import tensorflow as tf
 
 from tf_ssl import distribute
 
+# NCE's epsilon beside the noise prior (float32's machine epsilon, as the
+# reference's NCECriterion).
+_NCE_EPSILON = 1.1920928955078125e-07
 # Subtracted from a logit to drop it from a softmax. Finite (unlike -inf), so
 # masked rows and their gradients never produce NaN (0 * -inf).
 _MASK = 1e9
@@ -781,4 +788,88 @@ def vicreg(z1, z2, sim_weight=25.0, var_weight=25.0, cov_weight=1.0):
           + cov_weight * covariance)
   metrics = {"invariance": invariance, "variance": variance,
              "covariance": covariance}
+  return loss, {key: tf.stop_gradient(m) for key, m in metrics.items()}
+
+
+# ----------------------------------------------------------------- PIRL
+def pirl(embedding, positive, negatives, num_examples, normaliser,
+         temperature=0.07):
+  """PIRL's NCE loss of embeddings against a memory bank (docs/recipes.md,
+  "PIRL"; VISSL's nce_loss_with_memory with loss_type "nce", after NPID).
+
+  For the local row i with embedding e_i (l2-normalised here), its bank row
+  m_i (the positive) and N bank rows n_i1 .. n_iN (the negatives):
+
+    x_ij = exp(e_i . n_ij / tau) / Z,  x_i0 = exp(e_i . m_i / tau) / Z,
+    k = N / |D|,  c = k + eps  (eps: float32's machine epsilon, 1.19e-7),
+    loss_i = -log(x_i0 / (x_i0 + c)) - sum_j log(k / (x_ij + c)),
+
+  and the loss is the mean of loss_i over this replica's rows: an NCE
+  classifier of "data" (the positive) against noise drawn uniformly from
+  the |D| examples. Computed in the log domain, with
+  log x = e . m / tau - log Z.
+
+  Z is the reference's normaliser: a given value > 0, or, when `normaliser`
+  is <= 0 (not yet estimated), |D| times the mean of exp(score / tau) over
+  every score of the GLOBAL batch (the N + 1 scores of each row of every
+  replica; all-reduced sums), which the caller stores and passes from then
+  on (VISSL estimates it on the first batch and freezes it). Z, the bank
+  rows and the negatives get no gradient.
+
+  Scale: the mean over this replica's b rows (the reference's sum over the
+  batch divided by its size); not divided by the replica count. PIRL mixes
+  two such terms (image and jigsaw branch), lambda and 1 - lambda.
+
+  Args:
+    embedding: [b, D] this replica's embeddings (any float dtype; cast to
+      float32 and l2-normalised here).
+    positive: [b, D] each row's own bank row (already normalised; cast to
+      float32, no gradient).
+    negatives: [b, N, D] bank rows drawn for each row (as positive).
+    num_examples: |D|, the bank's rows (a Python int >= 1).
+    normaliser: Z, a float scalar (tensor); <= 0 means estimate it here.
+    temperature: tau > 0 (0.07).
+
+  Returns:
+    (loss, metrics): loss is a float32 scalar. metrics holds float32 scalars
+    without gradient: "normaliser", the Z used (the same on every replica),
+    and "positive_prob", the mean over this replica's rows of the model's
+    probability that the positive is data, x_i0 / (x_i0 + c).
+  """
+  _check_temperature(temperature)
+  if int(num_examples) < 1:
+    raise ValueError(f"pirl num_examples must be >= 1, got {num_examples}.")
+  e, pos, neg = (tf.convert_to_tensor(x) for x in (embedding, positive, negatives))
+  _check_pair("pirl", e, pos, "embedding", "positive")
+  if neg.shape.rank != 3 or neg.shape[1] is None or neg.shape[2] != e.shape[1]:
+    raise ValueError(f"pirl needs negatives [b, N, D] with a known N and the "
+                     f"D of the embedding ({e.shape[1]}); got {neg.shape}.")
+  e = _normalized(e)
+  pos = tf.stop_gradient(tf.cast(pos, tf.float32))
+  neg = tf.stop_gradient(tf.cast(neg, tf.float32))
+  # [b, N + 1] scores over tau, the positive in column 0.
+  logits = tf.concat([tf.reduce_sum(e * pos, axis=1, keepdims=True),
+                      tf.einsum("bd,bnd->bn", e, neg)], axis=1) / temperature
+  size, num_negatives = float(num_examples), neg.shape[1]
+  k = num_negatives / size
+  # The estimate: the global mean of exp(logit) times |D|. Scores are
+  # cosines, so exp(logit - 1 / tau) <= 1 cannot overflow.
+  top = 1.0 / temperature
+  sums = _all_reduce_sum(tf.stack([
+      tf.reduce_sum(tf.exp(tf.stop_gradient(logits) - top)),
+      tf.cast(tf.size(logits), tf.float32)]))
+  estimate = tf.math.log(sums[0] / sums[1] * size) + top
+  given = tf.cast(normaliser, tf.float32)
+  log_z = tf.where(given > 0, tf.math.log(tf.maximum(given, 1e-30)), estimate)
+  log_z = tf.stop_gradient(log_z)
+  log_x = logits - log_z
+  log_c = math.log(k + _NCE_EPSILON)
+  # -log(x0 / (x0 + c)) = softplus(log c - log x0);
+  # -log(k / (x + c)) = softplus(log x - log c) + log c - log k.
+  positive_term = tf.nn.softplus(log_c - log_x[:, 0])
+  noise_term = (tf.reduce_sum(tf.nn.softplus(log_x[:, 1:] - log_c), axis=1)
+                + num_negatives * (log_c - math.log(k)))
+  loss = tf.reduce_mean(positive_term + noise_term)
+  metrics = {"normaliser": tf.exp(log_z),
+             "positive_prob": tf.reduce_mean(tf.exp(-positive_term))}
   return loss, {key: tf.stop_gradient(m) for key, m in metrics.items()}
