@@ -149,7 +149,7 @@ def test_method_config_is_the_default_at_its_size(flags_reset):  # pylint: disab
 def test_methods_info_marks_the_methods_with_hooks():
   info = bench_train.methods_info()
   assert {n for n, i in info.items() if i["hooks"]} == {
-      "byol", "moco_v2", "moco_v3", "swav", "dino"}
+      "byol", "moco_v2", "moco_v3", "swav", "dino", "pirl"}
   assert info["supcon"]["needs_labels"] and not info["simclr"]["needs_labels"]
 
 

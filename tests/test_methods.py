@@ -1,7 +1,7 @@
 """The method interface: every method's whole fit steps equal on 1 and 4
 replicas (synchronised BN, LARS), its targets' EMA against the closed form,
-the MoCo queue's contents and resume, checkpoint parts, flags, and the
-representation that export and fine-tuning take."""
+the MoCo queue's and the PIRL memory bank's contents and resume, checkpoint
+parts, flags, and the representation that export and fine-tuning take."""
 
 import keras
 import numpy as np
@@ -34,7 +34,11 @@ OPTIONS = {"byol": {"momentum": 0.9}, "moco_v2": {"queue_size": 16, "momentum": 
                     "queue_start_epoch": 0},
            # Epoch 0 (steps 0-1): last layer frozen, teacher at 0.04; epoch 1: 0.07.
            "dino": {"out_dim": 12, "momentum": 0.9, "warmup_teacher_temperature_epochs": 2},
-           "barlow_twins": {"lambd": 0.05}, "vicreg": {}}
+           "barlow_twins": {"lambd": 0.05}, "vicreg": {},
+           "rotation": {}, "jigsaw": {"permutations": 10}, "pirl": {"negatives": 16}}
+# Jigsaw tiles of the pretext methods, and PIRL's memory bank rows.
+TILE = 4
+NUM_EXAMPLES = 40
 
 
 class TinyBackbone(keras.Model):
@@ -66,10 +70,31 @@ def _batch(seed=0, multi_crop=False):
   return views, labels
 
 
+def _inputs(seed, name):
+  """The batch entries of global batch `seed` for method `name`: the views
+  of _batch (rotation: the first view; jigsaw: 9 tiles; pirl: the first
+  view and 9 tiles), the labels and, for PIRL, indices that repeat across
+  batches (so bank rows are written twice)."""
+  cls = methods.get(name)
+  views, labels = _batch(seed, cls.multi_crop)
+  tiles = np.random.default_rng(100 + seed).uniform(
+      size=(GLOBAL_BATCH, 9, TILE, TILE, 3)).astype("float32")
+  if name == "rotation":
+    views = views[:, :1]
+  elif name == "jigsaw":
+    views = tiles
+  elif name == "pirl":
+    views = {"global": views[:, :1], "tiles": tiles}
+  out = {"views": views, "label": labels}
+  if "index" in cls.batch_entries:
+    out["index"] = (np.arange(GLOBAL_BATCH, dtype="int64") * 2 + 3 * seed) % NUM_EXAMPLES
+  return out
+
+
 def _build(name, initial_weights=None, total_steps=10):
   method = methods.create(name, OPTIONS[name], head=HEAD, total_steps=total_steps,
                           global_batch_size=GLOBAL_BATCH,
-                          steps_per_epoch=STEPS_PER_EPOCH)
+                          steps_per_epoch=STEPS_PER_EPOCH, num_examples=NUM_EXAMPLES)
   model = SSLModel(TinyBackbone(), method, num_classes=3, make_backbone=TinyBackbone)
   model(tf.zeros((2, IMAGE, IMAGE, 3)))
   if initial_weights is not None:
@@ -83,18 +108,12 @@ def _fit(strategy, name, initial_weights, steps=STEPS):
   replica r gets rows [r*b, (r+1)*b) of each (batches go to the replicas in
   turn)."""
   per_replica = GLOBAL_BATCH // strategy.num_replicas_in_sync
-  multi_crop = methods.get(name).multi_crop
-  batches = [_batch(seed, multi_crop) for seed in range(steps)]
-  views = [b[0] for b in batches]
-  if multi_crop:
-    views = {k: np.concatenate([v[k] for v in views]) for k in views[0]}
-  else:
-    views = np.concatenate(views)
+  batches = [_inputs(seed, name) for seed in range(steps)]
+  rows = tf.nest.map_structure(lambda *b: np.concatenate(b), *batches)
 
   def dataset_fn(ctx):
     del ctx
-    ds = tf.data.Dataset.from_tensor_slices(
-        {"views": views, "label": np.concatenate([b[1] for b in batches])})
+    ds = tf.data.Dataset.from_tensor_slices(rows)
     return ds.batch(per_replica, drop_remainder=True)
 
   with strategy.scope():
@@ -110,7 +129,8 @@ def _weights(model):
 
 
 @pytest.mark.parametrize("name", ["byol", "moco_v2", "moco_v3", "swav", "dino",
-                                  "barlow_twins", "vicreg"])
+                                  "barlow_twins", "vicreg", "rotation", "jigsaw",
+                                  "pirl"])
 def test_fit_steps_same_on_1_and_4_replicas(name):
   initial = _build(name).get_weights()
   m1, h1 = _fit(mirrored(1), name, initial)
@@ -134,6 +154,14 @@ def test_fit_steps_same_on_1_and_4_replicas(name):
     assert int(m1.queue_0.filled.numpy()) == 16
   if name == "dino":  # the centre moved off zero, equally on 1 and 4
     assert np.abs(np.array(m1.center.center)).max() > 0
+  if name == "pirl":  # rows of every step's examples written, Z estimated once
+    written = np.unique(np.concatenate(
+        [_inputs(seed, name)["index"] for seed in range(STEPS)]))
+    initial_rows = np.array(_build(name, initial).memory_bank.rows)
+    rows = np.array(m4.memory_bank.rows)
+    changed = np.flatnonzero(np.abs(rows - initial_rows).max(axis=1) > 0)
+    np.testing.assert_array_equal(changed, written)
+    assert float(m4.memory_bank.normaliser.numpy()) > 0
 
 
 def test_target_is_the_closed_form_ema_of_the_online_weights():
@@ -181,9 +209,8 @@ def test_cosine_momentum_schedule():
 
 
 def _step(model, seed):
-  views, labels = _batch(seed, model.method.multi_crop)
-  views = tf.nest.map_structure(tf.constant, views)
-  return model.train_step({"views": views, "label": tf.constant(labels)})
+  inputs = _inputs(seed, model.method.name)
+  return model.train_step(tf.nest.map_structure(tf.constant, inputs))
 
 
 def test_moco_queue_holds_the_latest_keys_and_resumes_exactly(tmp_path):
@@ -220,6 +247,55 @@ def test_moco_queue_holds_the_latest_keys_and_resumes_exactly(tmp_path):
   for a, b in zip(model.weights, fresh.weights):
     np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-6, atol=1e-7,
                                err_msg=a.path)
+
+
+def test_pirl_bank_moves_to_the_image_rows_keeps_z_and_resumes_exactly(tmp_path):
+  model = _build("pirl")
+  bank = model.memory_bank
+  initial = np.array(bank.rows)
+  np.testing.assert_allclose(np.linalg.norm(initial, axis=1), 1.0, rtol=1e-5)
+  assert float(bank.normaliser.numpy()) == 0.0  # not estimated yet
+  captured = {}
+  update = bank.update
+
+  def spy(rows, index, momentum):
+    captured.update(rows=np.array(rows), index=np.array(index), momentum=momentum)
+    update(rows, index, momentum)
+  bank.update = spy
+  _step(model, 0)
+  bank.update = update
+  # The batch's rows: normalise(0.5 m + 0.5 f) of the image branch's unit
+  # rows; every other row untouched.
+  index = _inputs(0, "pirl")["index"]
+  np.testing.assert_array_equal(captured["index"], index)
+  assert captured["momentum"] == 0.5
+  np.testing.assert_allclose(np.linalg.norm(captured["rows"], axis=1), 1.0, rtol=1e-5)
+  want = 0.5 * initial[index] + 0.5 * captured["rows"]
+  want /= np.linalg.norm(want, axis=1, keepdims=True)
+  rows = np.array(bank.rows)
+  np.testing.assert_allclose(rows[index], want, rtol=1e-5, atol=1e-6)
+  others = np.setdiff1d(np.arange(NUM_EXAMPLES), index)
+  np.testing.assert_array_equal(rows[others], initial[others])
+  z = float(bank.normaliser.numpy())
+  assert z > 0  # estimated on the first batch...
+  # Resume: a fresh model restored from the checkpoint continues identically.
+  path = checkpoints.make_checkpoint(model, model.optimizer).save(str(tmp_path / "c"))
+  _step(model, 1)
+  _step(model, 2)
+  assert float(bank.normaliser.numpy()) == z  # ... and kept
+  fresh = _build("pirl")
+  fresh.optimizer.build(fresh.trainable_variables)
+  checkpoints.make_checkpoint(fresh, fresh.optimizer).read(path).assert_existing_objects_matched()
+  np.testing.assert_array_equal(np.array(fresh.memory_bank.rows), rows)
+  assert float(fresh.memory_bank.normaliser.numpy()) == z
+  _step(fresh, 1)
+  _step(fresh, 2)
+  for a, b in zip(model.weights, fresh.weights):
+    np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-6, atol=1e-7,
+                               err_msg=a.path)
+  # The bank is a checkpoint part of its own; the representation the backbone.
+  assert "memory_bank" in checkpoints._parts(model)  # pylint: disable=protected-access
+  assert model.representation is model.backbone
 
 
 def test_queue_must_hold_whole_batches():

@@ -35,7 +35,7 @@ flags.DEFINE_integer("image_size", 32, "Side of the square training views in pix
 flags.DEFINE_float("color_strength", 0.5, "Colour jitter strength s (1.0 ImageNet, 0.5 CIFAR).")
 flags.DEFINE_enum("blur", "auto", ["auto", "on", "off"], "Gaussian blur; auto = on at >= 96 px.")
 flags.DEFINE_float("crop_min_area", 0.08, "Lower bound of the random-resized-crop area fraction.")
-flags.DEFINE_integer("num_views", 2, "Views per image (2 in the papers; with more, SimCLR counts every other view of the image as a positive).")
+flags.DEFINE_integer("num_views", 2, "Views per image (2 in the papers; with more, SimCLR counts every other view of the image as a positive). rotation, jigsaw and pirl make views of their own and take only the default.")
 flags.DEFINE_integer("local_crops", 0, "Multi-crop (swav, dino): local crops per image besides the --num_views global views (6 SwAV, 8 DINO; 0: none).")
 flags.DEFINE_integer("local_crop_size", 0, "Side of the local crops in pixels; 0: 96/224 of --image_size.")
 flags.DEFINE_float("local_crop_min_area", 0.05, "Lower bound of the local crops' area fraction; the upper is --crop_min_area (SwAV 0.05-0.14, DINO 0.05-0.4).")
@@ -56,7 +56,7 @@ flags.DEFINE_enum("proj_head", "auto", ["auto"] + list(heads.KINDS), "Projection
 # Method options: one flag per field of a method's Config (tf_ssl/methods/),
 # named with the method's prefix; None means the method's default. A flag of
 # another method than --method is an error.
-flags.DEFINE_float("temperature", None, "Softmax temperature of the contrastive loss; default: the method's (simclr, supcon, swav 0.1; moco_v2 0.2; moco_v3 1.0).")
+flags.DEFINE_float("temperature", None, "Softmax temperature of the contrastive loss; default: the method's (simclr, supcon, swav 0.1; moco_v2 0.2; moco_v3 1.0; pirl 0.07).")
 flags.DEFINE_float("supcon_base_temperature", None, "SupCon loss scale is temperature / base temperature (default 0.07).")
 flags.DEFINE_enum("supcon_contrast_mode", None, ["all", "one"], "SupCon anchors: every view (default), or the first.")
 flags.DEFINE_enum("supcon_summation", None, ["outside", "inside"], "SupCon L_out (default) or L_in.")
@@ -84,6 +84,10 @@ flags.DEFINE_float("barlow_lambd", None, "Barlow Twins off-diagonal weight lambd
 flags.DEFINE_float("vicreg_sim_weight", None, "VICReg invariance weight (default 25).")
 flags.DEFINE_float("vicreg_var_weight", None, "VICReg variance weight (default 25).")
 flags.DEFINE_float("vicreg_cov_weight", None, "VICReg covariance weight (default 1).")
+flags.DEFINE_integer("jigsaw_permutations", None, "Jigsaw: permutations of the 9 tiles to tell apart, a fixed set far apart in Hamming distance (default 100; 1000 in the paper).")
+flags.DEFINE_integer("pirl_negatives", None, "PIRL: memory-bank negatives per example (default 4096; 32000 in the paper on ImageNet).")
+flags.DEFINE_float("pirl_momentum", None, "PIRL: memory-bank momentum, m <- normalise(momentum * m + (1 - momentum) * f) (default 0.5).")
+flags.DEFINE_float("pirl_lambd", None, "PIRL: weight of the jigsaw term, 1 - it the image term's (default 0.5).")
 flags.DEFINE_integer("global_batch_size", 256, "Images per step over all replicas (each gives num_views views).")
 flags.DEFINE_integer("train_steps", None, "Training length in steps (exactly one of this and --train_epochs).")
 flags.DEFINE_float("train_epochs", None, "Training length in epochs of --train_split.")
@@ -221,7 +225,6 @@ def pretrain_config():
   """Validates the pretraining flags and returns a PretrainConfig."""
   _validate_common()
   _check(0 < FLAGS.crop_min_area <= 1, "crop_min_area", "must be in (0, 1].")
-  _check(FLAGS.num_views >= 2, "num_views", "the methods need >= 2 views.")
   _check(FLAGS.proj_layers >= 1, "proj_layers", "must be >= 1.")
   _check(FLAGS.proj_hidden_dim >= 0, "proj_hidden_dim", "must be >= 0 (0: the feature width).")
   _check(FLAGS.eval_every_steps >= 0, "eval_every_steps", "must be >= 0 (0: only at the end).")

@@ -17,8 +17,11 @@ import dataclasses
 from tf_ssl.methods import barlow_twins
 from tf_ssl.methods import byol
 from tf_ssl.methods import dino
+from tf_ssl.methods import jigsaw
 from tf_ssl.methods import moco_v2
 from tf_ssl.methods import moco_v3
+from tf_ssl.methods import pirl
+from tf_ssl.methods import rotation
 from tf_ssl.methods import simclr
 from tf_ssl.methods import supcon
 from tf_ssl.methods import swav
@@ -35,12 +38,16 @@ REGISTRY = {
     "dino": dino.DINO,
     "barlow_twins": barlow_twins.BarlowTwins,
     "vicreg": vicreg.VICReg,
+    "rotation": rotation.Rotation,
+    "jigsaw": jigsaw.Jigsaw,
+    "pirl": pirl.PIRL,
 }
 NAMES = tuple(REGISTRY)
 # The flag prefix of each method's options; a family shares one.
 FLAG_PREFIX = {"simclr": "simclr_", "supcon": "supcon_", "byol": "byol_",
                "moco_v2": "moco_", "moco_v3": "moco_", "swav": "swav_",
-               "dino": "dino_", "barlow_twins": "barlow_", "vicreg": "vicreg_"}
+               "dino": "dino_", "barlow_twins": "barlow_", "vicreg": "vicreg_",
+               "rotation": "rotation_", "jigsaw": "jigsaw_", "pirl": "pirl_"}
 # Options every method that has them reads from one un-prefixed flag.
 SHARED_OPTIONS = ("temperature",)
 
@@ -69,7 +76,8 @@ def flag_owners():
 
 def create(name, options=None, **kwargs):
   """A Method from its name and options ({Config field: value}); kwargs go
-  to the Method (head, total_steps, global_batch_size)."""
+  to the Method (head, total_steps, global_batch_size, steps_per_epoch,
+  num_examples, seed)."""
   cls = get(name)
   return cls(cls.Config(**(options or {})), **kwargs)
 
