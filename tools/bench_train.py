@@ -64,8 +64,10 @@ crops too. --batch overrides the batch (a queue then holds the largest
 multiple of it up to 4096).
 
 Timed: `model.train_function` on one fixed in-memory batch {"views":
-[B, 2, 28, 28, 3] float32, "label": [B]}, each step ended by reading the
-loss, float32 unless --dtype bf16 (mixed bfloat16, set before any layer is
+[B, 2, 28, 28, 3] float32, "label": [B]} (rotation, jigsaw and PIRL, which
+make views of their own: their views of random images, and for PIRL the
+index 0..B-1 into a bank of Fashion-MNIST's 60000 rows), each step ended
+by reading the loss, float32 unless --dtype bf16 (mixed bfloat16, set before any layer is
 made; it replaces the file's --mixed_precision). Every (method, hooks) pair
 is its own subprocess; the first steps are warm-up (3, or 2 with --quick;
 --warmup sets it) and a round's step time is the median of the timed steps
@@ -205,6 +207,29 @@ def _fixed_batch(batch, size, classes, local_crops=0, local_size=0):
         size=(batch, local_crops, local_size, local_size, 3)), tf.float32)}
   return {"views": views,
           "label": tf.constant(rng.integers(0, classes, batch), tf.int64)}
+
+
+def _method_batch(method, config, batch):
+  """The fixed batch of `method` at `config`'s size: _fixed_batch's, or for
+  a method that makes views of its own its views of random images; with
+  the example index 0..batch-1 when the method takes one."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  d = config.data
+  if not method.own_views:
+    data = _fixed_batch(batch, d.image_size, FASHION_MNIST_CLASSES,
+                        d.local_crops, d.local_crop_size)
+  else:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (batch, d.image_size, d.image_size, 3), np.uint8)
+    views = method.augment(d)
+    data = {"views": views.distort(views.crop_batch(images, tf.constant([0, 1])),
+                                   tf.constant([2, 3])),
+            "label": tf.constant(rng.integers(0, FASHION_MNIST_CLASSES, batch),
+                                 tf.int64)}
+  if "index" in method.batch_entries:
+    data["index"] = tf.range(batch, dtype=tf.int64)
+  return data
 
 
 def _time_steps(model, data, warmup, timed, what):
@@ -396,7 +421,8 @@ def run_method(job):
   steps_per_epoch = max(1, FASHION_MNIST_TRAIN // b)
   total_steps = config.train_steps or runner.whole_executions(
       config.train_epochs * steps_per_epoch, config.run.steps_per_execution)
-  method = train.build_method(config, total_steps, steps_per_epoch)
+  method = train.build_method(config, total_steps, steps_per_epoch,
+                              FASHION_MNIST_TRAIN)
   if not job["hooks"]:
     method.before_step = _no_op
     method.after_update = _no_op
@@ -410,8 +436,7 @@ def run_method(job):
   before = {k: [np.asarray(v.numpy(), np.float64) for v in vs]
             for k, vs in watched.items()}
   s = config.data.image_size
-  data = _fixed_batch(b, s, FASHION_MNIST_CLASSES, config.data.local_crops,
-                      config.data.local_crop_size)
+  data = _method_batch(method, config, b)
   times, cpu, loss = _time_steps(model, data, job["warmup"], job["timed"], job)
   m = config.model
   return {"times": times, "cpu_times": cpu, "loss": loss,

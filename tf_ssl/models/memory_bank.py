@@ -43,8 +43,9 @@ class MemoryBank(keras.layers.Layer):
     self.built = True  # Never called: methods read and update it.
 
   def read(self, index):
-    """The rows of examples `index` (any int shape) -> [..., dim] float32."""
-    return tf.gather(tf.convert_to_tensor(self.rows), index)
+    """The rows of examples `index` (any int shape) -> [..., dim] float32.
+    A sparse read: only those rows are read, not the whole bank."""
+    return tf.gather(self.rows.value, index)
 
   def update(self, embeddings, index, momentum):
     """m_i <- normalise(momentum * m_i + (1 - momentum) * f_i) for the
