@@ -36,6 +36,11 @@ FLAGS = tf_ssl_flags.FLAGS
 # Class counts of the datasets the configs name, to size the online probe
 # without reading the data (which need not be on this machine).
 NUM_CLASSES = {"tfds:imagenet2012": 1000, "tfds:cifar10": 10, "fashion_mnist": 10}
+# Training examples, for the methods with a row per example (PIRL's bank).
+NUM_EXAMPLES = {"tfds:imagenet2012": 1281167, "tfds:cifar10": 50000,
+                "fashion_mnist": 60000}
+# The pretext methods' heads (no projection endpoint).
+PRETEXT_HEADS = {"rotation": "rotation_head", "jigsaw": "jigsaw_head"}
 FEATURE_WIDTH = {"resnet18": 512, "resnet18x0.25": 128, "resnet18x0.5": 256, "resnet50": 2048}
 
 # The published recipes (docs/recipes.md and the papers each config cites).
@@ -160,8 +165,10 @@ def parse(tmp_path):
 
 def test_the_issue_configs_exist():
   names = {_name(p) for p in CONFIGS}
-  for name in list(PUBLISHED) + ["simclr_fashion_mnist.cfg",
-                                "simclr_fashion_mnist_long.cfg"]:
+  fashion = [f"{m}_fashion_mnist.cfg" for m in (
+      "simclr", "byol", "mocov2", "mocov3", "swav", "dino", "barlow_twins",
+      "vicreg", "rotation", "jigsaw", "pirl")]
+  for name in list(PUBLISHED) + fashion + ["simclr_fashion_mnist_long.cfg"]:
     assert name in names
 
 
@@ -214,16 +221,23 @@ def test_pretrain_config_builds_its_model_and_views(path, parse, tmp_path):
 
   # Model spec, built at the config's image size.
   keras.backend.clear_session()
-  model = train.build_model(config, NUM_CLASSES[d.dataset])
+  method = train.build_method(config, num_examples=NUM_EXAMPLES[d.dataset])
+  model = train.build_model(config, NUM_CLASSES[d.dataset], method=method)
   endpoints = model(tf.zeros((1, d.image_size, d.image_size, 3)))
   assert endpoints["features"].shape[-1] == FEATURE_WIDTH[m.backbone]
-  # DINO's head ends in --dino_out_dim logits after its --proj_dim bottleneck.
-  out_dim = (config.method_options.get("out_dim", 65536) if config.method == "dino"
-             else m.proj_dim)
-  assert endpoints["projection"].shape[-1] == out_dim
-  assert f"proj_{m.proj_layers}" in endpoints
-  assert f"proj_{m.proj_layers + 1}" not in endpoints
   assert endpoints["probe_logits"].shape[-1] == NUM_CLASSES[d.dataset]
+  if config.method in PRETEXT_HEADS:  # No projection: a pretext task's head.
+    assert hasattr(model, PRETEXT_HEADS[config.method])
+    assert not any(k.startswith("proj") for k in endpoints)
+  elif config.method == "pirl":  # VISSL's linear heads to --proj_dim.
+    assert endpoints["projection"].shape[-1] == m.proj_dim
+  else:
+    # DINO's head ends in --dino_out_dim logits after its --proj_dim bottleneck.
+    out_dim = (config.method_options.get("out_dim", 65536)
+               if config.method == "dino" else m.proj_dim)
+    assert endpoints["projection"].shape[-1] == out_dim
+    assert f"proj_{m.proj_layers}" in endpoints
+    assert f"proj_{m.proj_layers + 1}" not in endpoints
 
   # The batch divides over the TPU cores the header names ("v3-32").
   cores = re.search(r"TPU v\d+-(\d+)", _header(path))
