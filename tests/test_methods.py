@@ -33,7 +33,9 @@ OPTIONS = {"byol": {"momentum": 0.9}, "moco_v2": {"queue_size": 16, "momentum": 
            "swav": {"prototypes": 6, "freeze_prototypes_steps": 1, "queue_size": 16,
                     "queue_start_epoch": 0},
            # Epoch 0 (steps 0-1): last layer frozen, teacher at 0.04; epoch 1: 0.07.
-           "dino": {"out_dim": 12, "momentum": 0.9, "warmup_teacher_temperature_epochs": 2},
+           # BN in the head (synchronised in the 1 vs 4 test).
+           "dino": {"out_dim": 12, "momentum": 0.9, "warmup_teacher_temperature_epochs": 2,
+                    "use_bn_in_head": True},
            "barlow_twins": {"lambd": 0.05}, "vicreg": {},
            "rotation": {}, "jigsaw": {"permutations": 10}, "pirl": {"negatives": 16}}
 # Jigsaw tiles of the pretext methods, and PIRL's memory bank rows.
@@ -418,6 +420,12 @@ def test_swav_prototypes_stay_unit_frozen_first_and_queue_when_full():
 def test_dino_freezes_the_last_layer_warms_the_teacher_and_exports_the_teacher(tmp_path):
   model = _build("dino")
   method = model.method
+  head = model.projection_head
+  # One BN per hidden layer; no bias before it (BN would remove it).
+  hidden = head.dense_layers[:-1]
+  assert len(head.bn_layers) == len(hidden) == len(
+      model.target_projection_head.bn_layers) >= 1
+  assert not any(d.use_bias for d in hidden) and head.dense_layers[-1].use_bias
   assert [round(float(method.teacher_temperature(k)), 6) for k in (0, 1, 2, 3, 9)] == [
       0.04, 0.04, 0.07, 0.07, 0.07]
   # The layer's weights are its kernel's unit columns (weight normalisation);

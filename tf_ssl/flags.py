@@ -80,6 +80,7 @@ flags.DEFINE_float("dino_warmup_teacher_temperature", None, "DINO teacher temper
 flags.DEFINE_integer("dino_warmup_teacher_temperature_epochs", None, "DINO: epochs of the linear teacher temperature warm-up, by epoch (default 30; 0: none).")
 flags.DEFINE_float("dino_center_momentum", None, "DINO centre momentum (default 0.9).")
 flags.DEFINE_integer("dino_freeze_last_layer_epochs", None, "DINO: epochs without gradient to the head's last layer (default 1).")
+flags.DEFINE_bool("dino_use_bn_in_head", None, "DINO: BatchNorm after each hidden layer of the head, the reference's use_bn_in_head (default false).")
 flags.DEFINE_float("barlow_lambd", None, "Barlow Twins off-diagonal weight lambda (default 0.0051).")
 flags.DEFINE_float("vicreg_sim_weight", None, "VICReg invariance weight (default 25).")
 flags.DEFINE_float("vicreg_var_weight", None, "VICReg variance weight (default 25).")

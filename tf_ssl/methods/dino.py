@@ -12,12 +12,15 @@ from tf_ssl import distribute
 from tf_ssl import losses
 from tf_ssl.methods import base
 from tf_ssl.models import ema
+from tf_ssl.models import heads
 
 
 class DINOHead(keras.layers.Layer):
-  """MLP (GELU between layers, no BN) to a bottleneck, l2-normalisation,
-  then a weight-normalised linear layer without bias to `out_dim` logits
-  whose weight vectors are kept unit-norm (the reference's norm_last_layer:
+  """MLP (GELU between layers; with `use_bn`, the reference's
+  use_bn_in_head, BN before each GELU and no bias in the layer before it)
+  to a bottleneck, l2-normalisation, then a
+  weight-normalised linear layer without bias to `out_dim` logits whose
+  weight vectors are kept unit-norm (the reference's norm_last_layer:
   effectively cosine similarities with `out_dim` prototypes).
 
   MLP kernels start from a truncated normal of stddev 0.02 with zero
@@ -27,23 +30,35 @@ class DINOHead(keras.layers.Layer):
   """
 
   def __init__(self, out_dim, hidden_dim=None, bottleneck_dim=256, num_layers=3,
-               **kwargs):
+               use_bn=False, sync_bn=False, **kwargs):
     kwargs.setdefault("name", "projection_head")
     super().__init__(**kwargs)
     self.out_dim, self.hidden_dim = int(out_dim), hidden_dim
     self.bottleneck_dim, self.num_layers = int(bottleneck_dim), int(num_layers)
+    self.use_bn, self.sync_bn = bool(use_bn), bool(sync_bn)
     self.output_dim = self.out_dim
-    self.dense_layers = []
+    self.dense_layers, self.bn_layers = [], []
 
   def build(self, input_shape):
     width = input_shape[-1]
     init = keras.initializers.TruncatedNormal(stddev=0.02)
     for i in range(1, self.num_layers + 1):
       units = self.bottleneck_dim if i == self.num_layers else (self.hidden_dim or width)
+      # Before a BN, no bias: BN subtracts it again (the reference's has no
+      # effect there but noise).
+      bn_follows = self.use_bn and i < self.num_layers
       dense = keras.layers.Dense(units, kernel_initializer=init, bias_initializer="zeros",
-                                 name=f"dense_{i}", dtype=self.dtype_policy)
+                                 use_bias=not bn_follows, name=f"dense_{i}",
+                                 dtype=self.dtype_policy)
       dense.build((None, width))
       self.dense_layers.append(dense)
+      if bn_follows:
+        bn = keras.layers.BatchNormalization(
+            momentum=heads.BN_MOMENTUM, epsilon=heads.BN_EPSILON,
+            synchronized=self.sync_bn, name=f"batch_norm_{i}",
+            dtype=self.dtype_policy)
+        bn.build((None, units))
+        self.bn_layers.append(bn)
       width = units
     bound = 1.0 / math.sqrt(self.bottleneck_dim)
     self.last_kernel = self.add_weight(
@@ -52,12 +67,13 @@ class DINOHead(keras.layers.Layer):
         dtype="float32", autocast=False)
 
   def call(self, inputs, training=None, freeze_last=False):
-    del training
     out = {"proj_0": inputs}
     x = inputs
     for i, dense in enumerate(self.dense_layers):
       x = dense(x)
       if i < self.num_layers - 1:
+        if self.bn_layers:
+          x = self.bn_layers[i](x, training=training)
         x = keras.ops.gelu(x, approximate=False)
       out[f"proj_{i + 1}"] = x
     x = tf.math.l2_normalize(tf.cast(x, tf.float32), axis=-1)
@@ -118,6 +134,7 @@ class DINO(base.WithTarget):
     warmup_teacher_temperature_epochs: int = 30
     center_momentum: float = 0.9
     freeze_last_layer_epochs: int = 1
+    use_bn_in_head: bool = False
 
     def __post_init__(self):
       check = base.check_option
@@ -144,6 +161,7 @@ class DINO(base.WithTarget):
                        "drop --proj_head.")
     return DINOHead(self.config.out_dim, hidden_dim=spec.hidden_dim,
                     bottleneck_dim=spec.output_dim, num_layers=spec.num_layers,
+                    use_bn=self.config.use_bn_in_head, sync_bn=spec.sync_bn,
                     name=name)
 
   def endpoints(self, model, features, training):
