@@ -30,9 +30,15 @@ def training_curves(history_path, png_path, curves=CURVES):
     ax.set_title(name)
     ax.set_xlabel("step")
   fig.tight_layout()
-  with tf.io.gfile.GFile(png_path + ".tmp", "wb") as f:
+  save_png(fig, png_path)
+
+
+def save_png(fig, path):
+  """Writes a matplotlib figure to `path` (local or gs://) as a PNG, whole
+  or not at all: a reader never sees a half-written file."""
+  with tf.io.gfile.GFile(path + ".tmp", "wb") as f:
     fig.savefig(f, format="png", dpi=100)
-  tf.io.gfile.rename(png_path + ".tmp", png_path, overwrite=True)
+  tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
 
 
 def _one_group(views, max_images):

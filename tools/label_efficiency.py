@@ -66,6 +66,7 @@ import tensorflow as tf
 from tf_ssl import distribute
 from tf_ssl import evaluate
 from tf_ssl import finetune
+from tf_ssl import plots
 from tf_ssl import pretrained
 from tf_ssl.data import pipeline
 from tf_ssl.data import subsets
@@ -284,9 +285,7 @@ def plot(report, path):
   ax.grid(True, alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  with tf.io.gfile.GFile(path + ".tmp", "wb") as f:
-    fig.savefig(f, format="png", dpi=100)
-  tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+  plots.save_png(fig, path)
   plt.close(fig)
 
 

@@ -83,6 +83,7 @@ import tensorflow as tf
 
 from tf_ssl import checkpoints
 from tf_ssl import evaluate
+from tf_ssl import plots
 from tf_ssl import pretrained
 from tf_ssl import runner
 from tf_ssl.data import pipeline
@@ -410,9 +411,7 @@ def plot(table, path, title=""):
   ax.grid(True, alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  with tf.io.gfile.GFile(path + ".tmp", "wb") as f:
-    fig.savefig(f, format="png", dpi=100)
-  tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+  plots.save_png(fig, path)
 
 
 # -------------------------------------------------------------------- main
