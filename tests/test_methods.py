@@ -134,6 +134,8 @@ def _weights(model):
                                   "barlow_twins", "vicreg", "rotation", "jigsaw",
                                   "pirl"])
 def test_fit_steps_same_on_1_and_4_replicas(name):
+  # Seeded: the initial weights must not depend on which tests ran before.
+  keras.utils.set_random_seed(0)
   initial = _build(name).get_weights()
   m1, h1 = _fit(mirrored(1), name, initial)
   m4, h4 = _fit(mirrored(4), name, initial)
@@ -146,9 +148,13 @@ def test_fit_steps_same_on_1_and_4_replicas(name):
   # grows with each step, so the tolerance also allows 0.1% of how far the
   # variable moved; a gradient off by the replica count would be off by a
   # large part of it.
+  # Barlow Twins standardises each dimension over the 8 rows, dividing the
+  # rounding by small deviations: 1% of the movement there (a gradient off by
+  # the replica count is still 75% off).
+  moved_share = 1e-2 if name == "barlow_twins" else 1e-3
   for (path, a), (_, b), (_, a0) in zip(w1, w4, w0):
     np.testing.assert_array_less(np.abs(a - b), 2e-5 + 2e-5 * np.abs(a)
-                                 + 1e-3 * np.abs(a - a0), err_msg=path)
+                                 + moved_share * np.abs(a - a0), err_msg=path)
   np.testing.assert_allclose(h1["loss"], h4["loss"], rtol=1e-5)
   if name == "moco_v2":
     assert int(m1.queue.pointer.numpy()) == STEPS * GLOBAL_BATCH % 16
