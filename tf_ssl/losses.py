@@ -36,6 +36,9 @@ before the ratio) and under SGD (it is the learning rate):
   pirl: the mean over this replica's rows of one NCE term against the
     memory bank (VISSL's NCECriterion); the method mixes the image and
     jigsaw terms with 1 - lambda and lambda ("PIRL").
+  distillation: the mean over this replica's rows of the cross-entropy of
+    the student's tempered softmax against the teacher's, with no
+    temperature-squared factor (SimCLRv2's formula; "Distillation").
 So `supcon` with distinct labels and two views is HALF of `nt_xent`.
 """
 
@@ -873,3 +876,39 @@ def pirl(embedding, positive, negatives, num_examples, normaliser,
   metrics = {"normaliser": tf.exp(log_z),
              "positive_prob": tf.reduce_mean(tf.exp(-positive_term))}
   return loss, {key: tf.stop_gradient(m) for key, m in metrics.items()}
+
+
+def distillation(student_logits, teacher_logits, temperature=1.0):
+  """SimCLRv2's distillation loss (docs/recipes.md, "Distillation").
+
+  For each local row, -sum_y softmax(t / T)_y * log_softmax(s / T)_y: the
+  cross-entropy of the student's tempered prediction against the frozen
+  teacher's. The teacher's logits get no gradient. Per-example, so no
+  gathering: with equal per-replica batches the train step's mean over
+  replicas of the per-replica means is the global mean.
+
+  Args:
+    student_logits: [B, C] logits of the student on this replica's rows (any
+      float dtype; float32 inside).
+    teacher_logits: [B, C] logits of the teacher on the same views.
+    temperature: T > 0 (1.0, the paper's).
+
+  Returns:
+    (loss, metrics): loss is a float32 scalar, not divided by the replica
+    count. metrics holds "agreement", the fraction of this replica's rows
+    where the student's and the teacher's argmax agree, and
+    "teacher_entropy", the mean entropy of the teacher's tempered softmax
+    (a sharp teacher is near 0, a uniform one ln C); both without gradient.
+  """
+  _check_temperature(temperature)
+  s, t = tf.convert_to_tensor(student_logits), tf.convert_to_tensor(teacher_logits)
+  _check_pair("distillation", s, t, "student_logits", "teacher_logits", "[B, C]")
+  s = tf.cast(s, tf.float32)
+  t = tf.stop_gradient(tf.cast(t, tf.float32))
+  target = tf.nn.softmax(t / temperature)
+  loss = tf.reduce_mean(
+      -tf.reduce_sum(target * tf.nn.log_softmax(s / temperature), axis=1))
+  agreement = tf.reduce_mean(tf.cast(
+      tf.equal(tf.argmax(s, axis=1), tf.argmax(t, axis=1)), tf.float32))
+  return loss, {"agreement": tf.stop_gradient(agreement),
+                "teacher_entropy": tf.stop_gradient(_entropy(target))}
