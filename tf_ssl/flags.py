@@ -516,3 +516,70 @@ def finetune_config():
     return FinetuneConfig(**values)
   except ValueError as e:
     raise flags.ValidationError(str(e)) from None
+
+
+# ---------------------------------------------------------------------------
+# Distillation (python -m tf_ssl.distill): fine-tuning's flags (the student
+# is trained as --mode=finetune) plus these.
+# ---------------------------------------------------------------------------
+flags.DEFINE_string("teacher", None, "The teacher classifier: a tf_ssl.finetune workdir (its "
+                    "saved_model/) or an exported classifier SavedModel.")
+flags.DEFINE_float("distill_temperature", 1.0, "Softmax temperature of teacher and student "
+                   "(SimCLRv2: 1).")
+flags.DEFINE_float("distill_label_weight", 0.0, "Weight w of the labelled cross-entropy: loss = "
+                   "(1 - w) * distillation + w * CE on the --labels_per_class / --label_fraction "
+                   "subset (SimCLRv2's alpha is 1 - w); 0: unlabelled images only.")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig(FinetuneConfig):
+  """A distillation run: fine-tuning's fields (mode is always "finetune";
+  init is the STUDENT's start) plus the teacher and the loss's options."""
+  mode: str = "finetune"
+  teacher: Optional[str] = None
+  distill_temperature: float = 1.0
+  distill_label_weight: float = 0.0
+
+  def __post_init__(self):
+    super().__post_init__()
+    def check(condition, field, message):
+      if not condition:
+        raise ValueError(f"--{field}={getattr(self, field)!r}: {message}")
+    check(self.mode == "finetune", "mode", "distillation trains the whole student "
+          "(--mode=finetune); drop --mode.")
+    check(self.teacher is not None and self.teacher not in ("", "none"), "teacher",
+          "give the fine-tuned teacher: a tf_ssl.finetune workdir or an exported "
+          "classifier SavedModel.")
+    check(self.distill_temperature > 0, "distill_temperature", "must be > 0.")
+    check(0 <= self.distill_label_weight <= 1, "distill_label_weight",
+          "must be in [0, 1].")
+    labelled = self.labels_per_class is not None or self.label_fraction is not None
+    check(self.distill_label_weight == 0 or labelled, "distill_label_weight",
+          "the labelled term needs --labels_per_class or --label_fraction (the "
+          "labels the teacher was fine-tuned on).")
+    check(self.distill_label_weight > 0 or not labelled, "labels_per_class",
+          "distillation uses labels only with --distill_label_weight > 0; drop "
+          "--labels_per_class / --label_fraction or give the weight.")
+
+
+def distill_config():
+  """Validates the distillation flags and returns a DistillConfig."""
+  _check(FLAGS.workdir, "workdir", "give a directory for checkpoints and results.")
+  _check(FLAGS.mode == "finetune" or not FLAGS["mode"].present, "mode",
+         "distillation trains the whole student (finetune); drop --mode.")
+  small_stem = FLAGS.small_image_stem
+  if small_stem is None:
+    small_stem = FLAGS.image_size <= 32
+  fields = {f.name for f in dataclasses.fields(DistillConfig)}
+  values = {name: getattr(FLAGS, name) for name in fields}
+  if values["proj_head"] == "auto":
+    values["proj_head"] = FinetuneConfig.proj_head
+  values.update(mode="finetune", small_image_stem=bool(small_stem),
+                cache={"auto": "auto", "on": True, "off": False}[FLAGS.cache])
+  for name in _HYPERRULE_FIXED:
+    if not FLAGS[name].present:
+      values[name] = getattr(FinetuneConfig, name)
+  try:
+    return DistillConfig(**values)
+  except ValueError as e:
+    raise flags.ValidationError(str(e)) from None

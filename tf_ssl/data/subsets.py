@@ -100,3 +100,59 @@ class IndexedSubset(sources.Source):
     ds = ds.filter(chosen).enumerate().map(
         lambda k, x: dict(x[1], index=tf.cast(k, tf.int64)))
     return sources.shard(ds, input_context).cache()
+
+
+class MaskedLabels(sources.Source):
+  """Every record of `parent`, with label -1 except at the kept indices.
+
+  The semi-supervised pool: all images, the labels of a subset only
+  (e.g. distillation's labelled term). Needs records that carry "index"
+  (in-memory, folder and tfds sources; not TFRecords).
+  """
+  has_index = True
+
+  def __init__(self, parent, keep_indices):
+    if not parent.has_index:
+      raise ValueError(f"{parent.name}: keeping the labels of a subset needs "
+                       "records with example indices (in-memory, folder or tfds "
+                       "sources; TFRecord files have none).")
+    super().__init__(f"{parent.name}[labels of {len(keep_indices)}]",
+                     parent.num_examples, parent.num_classes, parent.image_size,
+                     parent.encoded)
+    self.parent = parent
+    self.keep = np.unique(np.asarray(keep_indices, np.int64))
+    if self.keep.size == 0:
+      raise ValueError(f"{parent.name}: no labelled examples to keep.")
+
+  def _mask(self, ds):
+    keep = tf.constant(self.keep)
+    last = len(self.keep) - 1
+
+    def fn(record):
+      i = record["index"]
+      at = tf.minimum(tf.searchsorted(keep, i[None])[0], last)
+      kept = tf.equal(tf.gather(keep, at), i)
+      return dict(record, label=tf.where(kept, record["label"],
+                                         tf.constant(-1, record["label"].dtype)))
+    return ds.map(fn)
+
+  def records(self, input_context=None, exact_shards=False):
+    return self._mask(self.parent.records(input_context, exact_shards))
+
+  def shuffled_records(self, input_context, seed):
+    return self._mask(self.parent.shuffled_records(input_context, seed))
+
+  def labels(self):
+    labels = np.full([self.num_examples], -1, np.int64)
+    labels[self.keep] = self.parent.labels()[self.keep]
+    return labels
+
+
+def keep_subset_labels(source, fraction=None, per_class=None, seed=0):
+  """All of `source`, labelled only where label_subset would pick (the same
+  examples for the same seed)."""
+  try:
+    indices = label_subset_indices(source.labels(), fraction, per_class, seed)
+  except ValueError as e:
+    raise ValueError(f"{e} (source: {source.name})") from None
+  return MaskedLabels(source, indices)
