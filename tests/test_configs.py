@@ -143,7 +143,7 @@ def _header(path):
 
 
 def _entry_point(path):
-  """"train" or "finetune": the tf_ssl module the header's command runs."""
+  """"train", "finetune" or "distill": the tf_ssl module the header's command runs."""
   match = re.search(r"python -m tf_ssl\.(\w+)", _header(path))
   return match.group(1) if match else None
 
@@ -168,7 +168,9 @@ def test_the_issue_configs_exist():
   fashion = [f"{m}_fashion_mnist.cfg" for m in (
       "simclr", "byol", "mocov2", "mocov3", "swav", "dino", "barlow_twins",
       "vicreg", "rotation", "jigsaw", "pirl")]
-  for name in list(PUBLISHED) + fashion + ["simclr_fashion_mnist_long.cfg"]:
+  for name in list(PUBLISHED) + fashion + ["simclr_fashion_mnist_long.cfg",
+                                           "distill_fashion_mnist.cfg",
+                                           "distill_imagenet.cfg"]:
     assert name in names
 
 
@@ -177,7 +179,7 @@ def test_header_gives_the_command_with_this_flagfile(path):
   with open(path) as f:
     assert f.readline().startswith("#"), "a config starts with its comment"
   header = _header(path)
-  assert _entry_point(path) in ("train", "finetune"), (
+  assert _entry_point(path) in ("train", "finetune", "distill"), (
       f"{_name(path)}: the header needs the command, `python -m tf_ssl.<module> "
       "--flagfile=...`")
   assert f"--flagfile=configs/{_name(path)}" in header, (
@@ -304,6 +306,17 @@ def test_finetune_config_parses(path, parse, tmp_path):
   config_fn = _finetune_config_fn()
   parse(path)
   config = config_fn()
+  _check_source_name(config.dataset, tmp_path)
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if _entry_point(p) == "distill"],
+                         ids=_name)
+def test_distill_config_parses(path, parse, tmp_path):
+  parse(path)
+  FLAGS.teacher = str(tmp_path / "teacher")  # Given per run, like --init.
+  config = tf_ssl_flags.distill_config()
+  assert config.mode == "finetune" and config.distill_temperature == 1.0
+  assert config.labels_per_class is None, "the unlabelled pool is every image"
   _check_source_name(config.dataset, tmp_path)
 
 
