@@ -92,14 +92,14 @@ def test_linear_subset_is_the_finetuning_subset():
                                 np.arange(n))
 
 
-@pytest.mark.slow  # ~22 s of CPU: four tiny fine-tuning runs, each traced anew.
+@pytest.mark.slow  # ~30 s of CPU: four tiny fine-tuning runs and two distillations.
 def test_report_json_and_png(workdir, tmp_path):
   args = le._parser().parse_args(["--init", workdir, "--out", str(tmp_path),
                                   "--batch_size", "8"])
   base = le.config_from_args(args)
   out = str(tmp_path / "report")
   report = le.run(base, [2, None], _source(48, 1), _source(24, 2), out,
-                  fixed_steps=2, linear_steps=20, command="test")
+                  fixed_steps=2, linear_steps=20, command="test", distill_steps=2)
   with open(os.path.join(out, "label_efficiency.json")) as f:
     saved = json.load(f)
   assert saved == json.loads(json.dumps(report))
@@ -113,6 +113,9 @@ def test_report_json_and_png(workdir, tmp_path):
     for method in le.METHODS:
       assert 0.0 <= row[f"{method}_top1"] <= 1.0
     assert row["seconds"] >= 0 and row["finetune_steps"] == 2
+    # The teacher is the fine-tuned network itself, scored the same way.
+    assert row["distill_teacher_top1"] == row["finetune_top1"]
+  assert saved["distill_steps"] == 2
   with open(os.path.join(out, "label_efficiency.png"), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-  assert "| all | 48 |" in le.table(report)
+  assert "| all | 48 |" in le.table(report) and "distilled" in le.table(report)

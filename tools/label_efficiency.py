@@ -5,7 +5,7 @@ r"""Label efficiency of one pretrained model: accuracy against labels per class.
 
 For each k in --labels_per_class (default 10,20,50,100,200,all) the same
 seeded, class-balanced subset of the training split (tf_ssl.data.subsets,
---subset_seed) feeds three methods, all scored by top-1 on the test split:
+--subset_seed) feeds four methods, all scored by top-1 on the test split:
 
   linear    logistic regression (tf_ssl.evaluate.linear_accuracy) on the
             frozen pretrained features. The features of the whole train and
@@ -15,6 +15,13 @@ seeded, class-balanced subset of the training split (tf_ssl.data.subsets,
             SGD with Nesterov momentum, cosine decay, no weight decay).
   scratch   the same backbone, recipe, steps and subset from a random
             initialisation: the supervised baseline.
+  distill   SimCLRv2's third stage (tf_ssl.distill): the fine-tuned network
+            above is the teacher of a student of the same architecture,
+            started from the pretrained encoder and trained on the teacher's
+            soft labels on EVERY training image (labels unused), with the
+            fine-tuning recipe for --distill_epochs passes over the split
+            (--distill_steps fixes the steps; --distill_epochs=0 drops the
+            column).
 
 Why --mode=finetune and not the BiT-HyperRule: the HyperRule upsamples
 images under 96x96 to 160 px and crops 128, about 20x the pixels of a
@@ -38,7 +45,7 @@ keeps what it measured) and <out>/label_efficiency.png (top-1 against labels
 per class on a log axis; "all" is drawn at the mean full per-class count).
 
 Smoke run: --quick (--labels_per_class=10,100 --finetune_steps=20
---test_examples=1000 unless given).
+--distill_steps=20 --test_examples=1000 unless given).
 """
 
 import argparse
@@ -63,6 +70,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 import tensorflow as tf
 
+from tf_ssl import distill
 from tf_ssl import distribute
 from tf_ssl import evaluate
 from tf_ssl import finetune
@@ -70,10 +78,11 @@ from tf_ssl import plots
 from tf_ssl import pretrained
 from tf_ssl.data import pipeline
 from tf_ssl.data import subsets
+from tf_ssl.flags import DistillConfig
 from tf_ssl.flags import FinetuneConfig
 from tf_ssl.models import build_backbone
 
-METHODS = ("linear", "finetune", "scratch")
+METHODS = ("linear", "finetune", "scratch", "distill")
 DEFAULT_LABELS = "10,20,50,100,200,all"
 # Pretraining flags that describe the model and data, read from flags.txt
 # (tf_ssl.pretrained.pretraining_flags, shared with tools/layer_probe.py).
@@ -146,8 +155,8 @@ def pretrained_features(config, train_source, test_source, batch_size=500):
 # ---------------------------------------------------------------------- run
 def run(base, label_counts, train_source, test_source, out, strategy=None,
         epochs=20.0, min_steps=50, max_steps=300, fixed_steps=None,
-        linear_steps=1000, command=None):
-  """Linear, fine-tuned and from-scratch top-1 at each label count.
+        linear_steps=1000, command=None, distill_epochs=1.0, distill_steps=None):
+  """Linear, fine-tuned, from-scratch and distilled top-1 at each label count.
 
   Args:
     base: a FinetuneConfig with init, backbone, image size, batch, optimiser
@@ -160,6 +169,9 @@ def run(base, label_counts, train_source, test_source, out, strategy=None,
     fixed_steps: if set, every fine-tuning run takes this many steps.
     linear_steps: full-batch steps of the logistic regression.
     command: the command line to record.
+    distill_epochs: passes over the whole training split of each
+      distillation run; 0 (with distill_steps None) skips distillation.
+    distill_steps: if set, every distillation run takes this many steps.
 
   Returns:
     The report dict written to label_efficiency.json.
@@ -186,6 +198,7 @@ def run(base, label_counts, train_source, test_source, out, strategy=None,
       "finetune_recipe": _recipe(base, fixed_steps, epochs, min_steps, max_steps),
       "linear_recipe": {"classifier": "tf_ssl.evaluate.linear_accuracy",
                         "steps": linear_steps},
+      "distill_steps": _distill_steps(train_source, base, distill_epochs, distill_steps),
       "feature_seconds": round(feature_seconds, 1),
       "results": [],
   }
@@ -193,7 +206,7 @@ def run(base, label_counts, train_source, test_source, out, strategy=None,
     row = _one_label_count(base, k, train_source, test_source, strategy,
                            (train_x, train_y, test_x, test_y), num_classes,
                            fixed_steps or None, (epochs, min_steps, max_steps),
-                           linear_steps)
+                           linear_steps, report["distill_steps"])
     report["results"].append(row)
     report["total_seconds"] = round(time.time() - t_start, 1)
     _write_json(report, os.path.join(out, "label_efficiency.json"))
@@ -201,6 +214,22 @@ def run(base, label_counts, train_source, test_source, out, strategy=None,
   logging.info("Done in %.1f s; wrote %s", time.time() - t_start,
                os.path.join(out, "label_efficiency.json"))
   return report
+
+
+def _distill_steps(train_source, base, epochs, steps):
+  """Steps of each distillation run (0: none), whole executions."""
+  if steps is None:
+    steps = int(math.ceil(epochs * train_source.num_examples / base.global_batch_size))
+  return -(-steps // base.steps_per_execution) * base.steps_per_execution
+
+
+def distill_config(base, teacher_name, steps):
+  """The distillation run's DistillConfig: the fine-tuning recipe, the
+  student started from base.init, every training image, `steps` steps."""
+  fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(FinetuneConfig)}
+  fields.update(mode="finetune", teacher=teacher_name, labels_per_class=None,
+                label_fraction=None, train_steps=steps, train_epochs=None)
+  return DistillConfig(**fields)
 
 
 def _recipe(base, fixed_steps, epochs, min_steps, max_steps):
@@ -218,7 +247,7 @@ def _recipe(base, fixed_steps, epochs, min_steps, max_steps):
 
 
 def _one_label_count(base, k, train_source, test_source, strategy, features,
-                     num_classes, fixed_steps, rule, linear_steps):
+                     num_classes, fixed_steps, rule, linear_steps, distill_steps):
   train_x, train_y, test_x, test_y = features
   name = "all" if k is None else str(k)
   index = subset_indices(train_y, k, base.subset_seed)
@@ -235,11 +264,15 @@ def _one_label_count(base, k, train_source, test_source, strategy, features,
   steps = fixed_steps or steps_for(len(index), base.global_batch_size, *rule)
   row["finetune_steps"] = steps
   config = dataclasses.replace(base, labels_per_class=k, train_steps=steps)
+  teacher = None
   for method, init in (("finetune", base.init), ("scratch", None)):
     t = time.time()
-    result = finetune.run_finetune(dataclasses.replace(config, init=init),
-                                   strategy=strategy, train_source=train_source,
-                                   eval_source=test_source, verbose=0)
+    result, model = finetune.run_finetune(
+        dataclasses.replace(config, init=init), strategy=strategy,
+        train_source=train_source, eval_source=test_source, verbose=0,
+        return_model=True)
+    if method == "finetune":
+      teacher = model
     seconds[method] = round(time.time() - t, 1)
     # The subset fine-tuning drew must be the one the linear classifier saw.
     if result["plan"]["train_examples"] != len(index):
@@ -250,6 +283,18 @@ def _one_label_count(base, k, train_source, test_source, strategy, features,
     row[f"{method}_top5"] = result["top5"]
     logging.info("k=%s %s: top-1 %.4f (%d examples, %d steps, %.1f s)", name,
                  method, result["top1"], len(index), steps, seconds[method])
+  if distill_steps:
+    t = time.time()
+    result = distill.run_distill(
+        distill_config(base, f"label_efficiency finetune k={name}", distill_steps),
+        teacher=teacher, strategy=strategy, train_source=train_source,
+        eval_source=test_source, verbose=0)
+    seconds["distill"] = round(time.time() - t, 1)
+    row["distill_top1"], row["distill_top5"] = result["top1"], result["top5"]
+    row["distill_teacher_top1"] = result["teacher_top1"]
+    logging.info("k=%s distill: top-1 %.4f (teacher %.4f; %d images, %d steps, "
+                 "%.1f s)", name, result["top1"], result["teacher_top1"],
+                 train_source.num_examples, distill_steps, seconds["distill"])
   row["seconds"] = round(sum(seconds.values()), 1)
   row["seconds_by_method"] = seconds
   return row
@@ -270,9 +315,12 @@ def plot(report, path):
        for r in rows]
   fig, ax = plt.subplots(figsize=(6, 4))
   labels = {"linear": "linear (frozen features)", "finetune": "fine-tuned",
-            "scratch": "from scratch (supervised)"}
-  for method, style in zip(METHODS, ("o-", "s-", "^--")):
-    ax.plot(x, [100 * r[f"{method}_top1"] for r in rows], style, label=labels[method])
+            "scratch": "from scratch (supervised)",
+            "distill": "distilled on all images (SimCLRv2)"}
+  for method, style in zip(METHODS, ("o-", "s-", "^--", "D-")):
+    if all(f"{method}_top1" in r for r in rows):
+      ax.plot(x, [100 * r[f"{method}_top1"] for r in rows], style,
+              label=labels[method])
   ax.set_xscale("log")
   ax.set_xticks(x)
   ax.set_xticklabels([f"all\n({full:.0f})" if r["labels_per_class"] == "all"
@@ -291,13 +339,16 @@ def plot(report, path):
 
 def table(report):
   """The results as a Markdown table (top-1 %)."""
-  lines = ["| labels/class | examples | linear | fine-tune | scratch | steps | seconds |",
-           "|---|---|---|---|---|---|---|"]
+  distilled = all("distill_top1" in r for r in report["results"])
+  lines = ["| labels/class | examples | linear | fine-tune | scratch | "
+           + ("distilled | " if distilled else "") + "steps | seconds |",
+           "|---|---|---|---|---|---|---|" + ("---|" if distilled else "")]
   for r in report["results"]:
     lines.append(f"| {r['labels_per_class']} | {r['examples']} | "
                  f"{100 * r['linear_top1']:.1f} | {100 * r['finetune_top1']:.1f} | "
-                 f"{100 * r['scratch_top1']:.1f} | {r['finetune_steps']} | "
-                 f"{r['seconds']:.0f} |")
+                 f"{100 * r['scratch_top1']:.1f} | "
+                 + (f"{100 * r['distill_top1']:.1f} | " if distilled else "")
+                 + f"{r['finetune_steps']} | {r['seconds']:.0f} |")
   return "\n".join(lines)
 
 
@@ -341,6 +392,11 @@ def _parser():
   p.add_argument("--finetune_steps", type=int, default=None,
                  help="Fixed steps for every run instead of the epochs rule.")
   p.add_argument("--linear_steps", type=int, default=1000)
+  p.add_argument("--distill_epochs", type=float, default=1.0,
+                 help="Passes over the whole training split per distillation run; "
+                      "0: no distilled column.")
+  p.add_argument("--distill_steps", type=int, default=None,
+                 help="Fixed steps for every distillation run instead.")
   p.add_argument("--mixed_precision", type=_bool, default=True)
   p.add_argument("--quick", action="store_true",
                  help="Smoke run: 10,100 labels, 20 steps, 1000 test images.")
@@ -386,8 +442,12 @@ def main(args):
   if args.quick:
     args.labels_per_class = args.labels_per_class or "10,100"
     args.finetune_steps = args.finetune_steps or 20
+    args.distill_steps = args.distill_steps or 20
     args.test_examples = args.test_examples or 1000
   try:
+    if args.distill_epochs < 0 or (args.distill_steps is not None and args.distill_steps < 1):
+      raise ValueError(f"--distill_epochs={args.distill_epochs} must be >= 0 and "
+                       f"--distill_steps={args.distill_steps} >= 1 when given.")
     label_counts = parse_label_counts(args.labels_per_class or DEFAULT_LABELS)
     base = config_from_args(args)
   except ValueError as e:
@@ -401,7 +461,8 @@ def main(args):
   report = run(base, label_counts, train_source, test_source, args.out,
                epochs=args.epochs, min_steps=args.min_steps,
                max_steps=args.max_steps, fixed_steps=args.finetune_steps,
-               linear_steps=args.linear_steps, command=command)
+               linear_steps=args.linear_steps, command=command,
+               distill_epochs=args.distill_epochs, distill_steps=args.distill_steps)
   print(table(report))
   print(f"total {report['total_seconds']:.0f} s; "
         f"{os.path.join(args.out, 'label_efficiency.png')}")
