@@ -231,6 +231,10 @@ def _run(config, teacher, strategy, train_source, eval_source, verbose, t_start,
       read_train, read_eval = finetune.load_sources(config)
       train_source, eval_source = train_source or read_train, eval_source or read_eval
     eval_on_train = sources.same_data(train_source, eval_source)
+    if eval_on_train:
+      logging.warning("--eval_split=%s reads the training data (%s): top-1 is measured "
+                      "on the images the student was distilled on.",
+                      config.eval_split, eval_source.name)
     num_classes = finetune.num_classes_of(config, train_source, eval_source)
     with strategy.scope():
       if teacher is None or isinstance(teacher, str):
