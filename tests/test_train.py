@@ -212,7 +212,8 @@ def test_knn_monitor_runs_the_backbone_on_the_strategys_replicas(strategy_2):
 @pytest.mark.parametrize("method, extra", [
     ("dino", ["--local_crops=2", "--crop_min_area=0.3", "--dino_out_dim=32",
               "--dino_warmup_teacher_temperature_epochs=0"]),
-    ("moco_v2", ["--moco_queue_size=32"]),
+    # MoCo v2 also trains its first 2 steps at 8 px (--progressive_resolution).
+    ("moco_v2", ["--moco_queue_size=32", "--progressive_resolution=8:0.5"]),
 ])
 def test_momentum_methods_train_log_their_schedule_and_initialise_finetuning(
     tmp_path, image_folder, method, extra):
@@ -232,6 +233,7 @@ def test_momentum_methods_train_log_their_schedule_and_initialise_finetuning(
     assert momentum and 0.996 <= min(momentum) < max(momentum) <= 1.0
   else:  # MoCo v2: constant.
     assert momentum and all(m == pytest.approx(0.999) for m in momentum)
+    assert "Steps 0 to 2 at 8 px" in result.stderr and "Steps 2 to 4 at 16 px" in result.stderr
   finetune = subprocess.run(
       [sys.executable, "-m", "tf_ssl.finetune", f"--workdir={tmp_path / 'ft'}",
        f"--dataset=folder:{image_folder}", "--mode=linear", "--train_steps=2",
@@ -242,3 +244,25 @@ def test_momentum_methods_train_log_their_schedule_and_initialise_finetuning(
   assert finetune.returncode == 0, finetune.stderr[-3000:]
   init = json.loads((tmp_path / "ft" / "results.json").read_text())["init"]
   assert init["kind"] == "checkpoint" and init["restored"] > 0
+
+
+def test_progressive_resolution_phases_and_their_flag():
+  from tf_ssl import train  # pylint: disable=g-import-not-at-top
+  from tf_ssl import flags as tf_ssl_flags  # pylint: disable=g-import-not-at-top
+  assert train.resolution_phases(100, 28, ((16, 0.3), (22, 0.6))) == [
+      (0, 30, 16), (30, 60, 22), (60, 100, 28)]
+  # Phase ends round up to whole executions; an empty phase is dropped.
+  assert train.resolution_phases(104, 28, ((16, 0.3), (20, 0.31)), 26) == [
+      (0, 52, 16), (52, 104, 28)]
+  assert train.resolution_phases(10, 28, ()) == [(0, 10, 28)]
+  parse = tf_ssl_flags.parse_progressive_resolution
+  assert parse(["16:0.3", "22:0.6"], 28) == ((16, 0.3), (22, 0.6))
+  for bad in (["16"], ["x:0.3"], ["28:0.5"], ["16:0.5", "12:0.7"], ["16:1.0"], ["4:0.5"]):
+    with pytest.raises(Exception, match="--progressive_resolution"):
+      parse(bad, 28)
+  data = tf_ssl_flags.DataConfig(
+      dataset="d", data_dir=None, train_split="train", eval_split="test",
+      image_size=224, color_strength=1.0, simclr_version=2, blur=None,
+      crop_min_area=0.14, num_views=2, cache=False, local_crops=6, local_crop_size=96)
+  small = train.data_at(data, 112)
+  assert (small.image_size, small.local_crop_size, small.local_crops) == (112, 48, 6)

@@ -38,6 +38,7 @@ flags.DEFINE_float("crop_min_area", 0.08, "Lower bound of the random-resized-cro
 flags.DEFINE_integer("num_views", 2, "Views per image (2 in the papers; with more, SimCLR counts every other view of the image as a positive). rotation, jigsaw and pirl make views of their own and take only the default.")
 flags.DEFINE_integer("local_crops", 0, "Multi-crop (swav, dino): local crops per image besides the --num_views global views (6 SwAV, 8 DINO; 0: none).")
 flags.DEFINE_integer("local_crop_size", 0, "Side of the local crops in pixels; 0: 96/224 of --image_size.")
+flags.DEFINE_list("progressive_resolution", [], "Train at smaller views early, as fast ImageNet trainers do: SIZE:FRACTION pairs, e.g. 16:0.3,22:0.6 trains the first 30% of the steps at 16 px, up to 60% at 22 px and the rest at --image_size (local crops scale alike; evaluation stays at --image_size). Empty: --image_size throughout.")
 flags.DEFINE_float("local_crop_min_area", 0.05, "Lower bound of the local crops' area fraction; the upper is --crop_min_area (SwAV 0.05-0.14, DINO 0.05-0.4).")
 flags.DEFINE_enum("cache", "auto", ["auto", "on", "off"], "Cache decoded images in memory; auto: small datasets only.")
 
@@ -177,6 +178,8 @@ class PretrainConfig:
   final_eval_examples: int
   baselines: bool
   export: bool
+  # ((view size, fraction of the steps it ends at), ...), increasing.
+  progressive_resolution: tuple = ()
 
   @property
   def temperature(self):
@@ -254,6 +257,8 @@ def pretrain_config():
   proj_head = FLAGS.proj_head
   if proj_head == "auto":
     proj_head = method_class.default_head
+  progressive = parse_progressive_resolution(FLAGS.progressive_resolution,
+                                             FLAGS.image_size)
   return PretrainConfig(
       run=_run_config(),
       data=DataConfig(
@@ -282,7 +287,30 @@ def pretrain_config():
       eval_every_steps=FLAGS.eval_every_steps, eval_examples=FLAGS.eval_examples,
       final_eval_examples=FLAGS.final_eval_examples,
       baselines=FLAGS.baselines,
-      export=FLAGS.export)
+      export=FLAGS.export,
+      progressive_resolution=progressive)
+
+
+def parse_progressive_resolution(items, image_size):
+  """["16:0.3", "22:0.6"] -> ((16, 0.3), (22, 0.6)), checked: sizes from 8
+  up to below --image_size and fractions in (0, 1), both increasing."""
+  phases = []
+  for item in items:
+    size, sep, fraction = item.partition(":")
+    try:
+      phase = (int(size), float(fraction))
+    except ValueError:
+      phase = None
+    if not sep or phase is None:
+      raise flags.ValidationError(
+          f"--progressive_resolution: {item!r} is not SIZE:FRACTION (e.g. 16:0.3).")
+    last_size, last_fraction = phases[-1] if phases else (7, 0.0)
+    if not (last_size < phase[0] < image_size and last_fraction < phase[1] < 1):
+      raise flags.ValidationError(
+          f"--progressive_resolution: {item!r}: sizes must increase from 8 to below "
+          f"--image_size={image_size} and fractions increase within (0, 1).")
+    phases.append(phase)
+  return tuple(phases)
 
 
 def _method_options(method):

@@ -8,6 +8,7 @@ the same command after an interruption continues from that checkpoint with
 the same step, optimizer state and learning rate.
 """
 
+import dataclasses
 import json
 import time
 
@@ -182,6 +183,33 @@ def raw_pixels(grayscale):
   return embed
 
 
+def resolution_phases(total_steps, image_size, progressive, steps_per_execution=1):
+  """[(first step, end step, view size)] covering [0, total_steps).
+
+  progressive: ((size, fraction), ...) as --progressive_resolution gives
+  it; each phase ends at its fraction of the steps, rounded up to whole
+  executions; the last phase is at `image_size`. Empty phases are dropped.
+  """
+  phases, first = [], 0
+  for size, fraction in progressive:
+    end = min(total_steps, runner.whole_executions(round(fraction * total_steps),
+                                                   steps_per_execution))
+    if end > first:
+      phases.append((first, end, size))
+      first = end
+  if first < total_steps or not phases:
+    phases.append((first, total_steps, image_size))
+  return phases
+
+
+def data_at(data, size):
+  """The DataConfig with views of `size` pixels, local crops scaled alike."""
+  local = data.local_crop_size
+  if data.local_crops:
+    local = max(8, round(local * size / data.image_size))
+  return dataclasses.replace(data, image_size=size, local_crop_size=local)
+
+
 def is_grayscale(source, image_size, examples=256):
   """Whether the first `examples` eval views have three equal channels."""
   batch = next(iter(pipeline.build_eval(
@@ -255,11 +283,18 @@ def _main():
     checkpoint = checkpoints.make_checkpoint(model, optimizer)
     manager, _ = runner.restore_or_init(r, checkpoint, keep=run.keep_checkpoints)
     start_step = int(optimizer.iterations.numpy())
-    # The data stream depends on the seed, the input pipeline and the step
-    # the run starts from: a resumed run sees new crops and a new order.
-    train_data = pipeline.pretrain_dataset(
-        strategy, train_source, config.global_batch_size, views, seed=run.seed,
-        start_step=start_step, deterministic=run.deterministic, cache=d.cache)
+    phases = resolution_phases(total_steps, d.image_size, config.progressive_resolution,
+                               spe)
+
+    def train_data(first, size):
+      # The data stream depends on the seed, the input pipeline and the step
+      # it starts from: a resumed run sees new crops and a new order.
+      phase_views = views if size == d.image_size else method.augment(data_at(d, size))
+      return pipeline.pretrain_dataset(
+          strategy, train_source, config.global_batch_size, phase_views, seed=run.seed,
+          start_step=first, deterministic=run.deterministic, cache=d.cache)
+    first_data = train_data(start_step, next(size for _, end, size in phases
+                                             if end > start_step))
 
   # ------------------------------------------------------------------ train
   if eval_on_train:
@@ -278,14 +313,20 @@ def _main():
         knn_monitor(strategy, model.representation, train_source, test_source, config,
                     exclude_self=eval_on_train),
         optimizer.iterations, config.eval_every_steps, writer=r.writer))
-  preempted, _ = runner.fit(
-      r, model, train_data, total_steps=total_steps, steps_per_pass=steps_per_epoch,
-      global_batch_size=config.global_batch_size,
-      schedule={"learning_rate": schedule, **method.schedules()},
-      manager=manager, checkpoint_every_steps=run.checkpoint_every_steps,
-      extra_callbacks=extra)
-  if preempted:
-    return
+  for first, end, size in phases:
+    if end <= start_step:
+      continue
+    if len(phases) > 1:
+      logging.info("Steps %d to %d at %d px (--progressive_resolution).", first, end, size)
+    data = first_data if first <= start_step else train_data(first, size)
+    preempted, _ = runner.fit(
+        r, model, data, total_steps=end, steps_per_pass=steps_per_epoch,
+        global_batch_size=config.global_batch_size,
+        schedule={"learning_rate": schedule, **method.schedules()},
+        manager=manager, checkpoint_every_steps=run.checkpoint_every_steps,
+        extra_callbacks=extra)
+    if preempted:
+      return
   train_seconds = time.time() - t_start
 
   # ------------------------------------------------------------- evaluation
