@@ -284,8 +284,7 @@ def _run(config, teacher, strategy, train_source, eval_source, verbose, t_start,
     return {"preempted": True, "train_steps": step}, student
   train_seconds = time.time() - t_start
 
-  eval_batch = config.eval_batch_size or max(256, config.global_batch_size)
-  eval_batch = -(-eval_batch // replicas) * replicas
+  eval_batch = finetune.eval_batch_size(config, replicas)
   results = finetune.evaluate(student, strategy, eval_source, eval_batch, views.eval,
                               plan["crop_size"])
   scored = finetune.evaluate(teacher, strategy, eval_source, eval_batch, views.eval,
@@ -300,12 +299,7 @@ def _run(config, teacher, strategy, train_source, eval_source, verbose, t_start,
       final_agreement=last_logs.get("agreement"),
       train_seconds=round(train_seconds, 1),
       wall_seconds=round(time.time() - t_start, 1))
-  if config.workdir and config.export:
-    results["saved_model"] = os.path.join(config.workdir, "saved_model")
-  runner.write_results(r, results, step, curves=CURVES)
-  if r.own_dir and config.export:
-    finetune.export_classifier(student, r.path("saved_model"))
-  runner.finish(r)
+  finetune.save_outputs(r, config, results, step, student, CURVES)
   logging.info("student top-1 %.4f, teacher top-1 %.4f", results["top1"],
                results["teacher_top1"])
   return results, student

@@ -385,8 +385,7 @@ def _run(config, strategy, train_source, eval_source, verbose, t_start,
   train_seconds = time.time() - t_start
 
   # --------------------------------------------------------------- evaluation
-  eval_batch = config.eval_batch_size or max(256, config.global_batch_size)
-  eval_batch = -(-eval_batch // replicas) * replicas
+  eval_batch = eval_batch_size(config, replicas)
   results = evaluate(model, strategy, eval_source, eval_batch, views.eval,
                      plan["crop_size"])
   results.update(
@@ -397,15 +396,28 @@ def _run(config, strategy, train_source, eval_source, verbose, t_start,
       final_train_accuracy=last_logs.get("accuracy"),
       train_seconds=round(train_seconds, 1),
       wall_seconds=round(time.time() - t_start, 1))
+  save_outputs(r, config, results, step, model, CURVES)
+  return results, model
+
+
+def eval_batch_size(config, replicas):
+  """--eval_batch_size (default max(256, the training batch)), rounded up
+  to a multiple of the replicas."""
+  batch = config.eval_batch_size or max(256, config.global_batch_size)
+  return -(-batch // replicas) * replicas
+
+
+def save_outputs(r, config, results, step, model, curves):
+  """results.json, summaries and curves, the classifier's export, and the
+  run's end: the tail of every classifier-training run."""
   if config.workdir and config.export:
     results["saved_model"] = os.path.join(config.workdir, "saved_model")
-  runner.write_results(r, results, step, curves=CURVES)
+  runner.write_results(r, results, step, curves=curves)
   if r.own_dir and config.export:
     # Every worker exports (a save reads variables collectively); the
     # chief's own_dir is --workdir.
     export_classifier(model, r.path("saved_model"))
   runner.finish(r)
-  return results, model
 
 
 def main(argv):

@@ -529,19 +529,25 @@ def finetune_config():
   small_stem = FLAGS.small_image_stem
   if small_stem is None:
     small_stem = image_size <= 32 and (FLAGS.mode != "hyperrule" or FLAGS.crop_size > 0)
-  fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
+  return _config_from_flags(FinetuneConfig, small_image_stem=bool(small_stem))
+
+
+def _config_from_flags(config_class, **overrides):
+  """config_class (FinetuneConfig or a subclass) from the flags of its
+  fields, with `overrides`; a bad value is a flags.ValidationError."""
+  fields = {f.name for f in dataclasses.fields(config_class)}
   values = {name: getattr(FLAGS, name) for name in fields}
   if values["proj_head"] == "auto":
     values["proj_head"] = FinetuneConfig.proj_head
-  values.update(small_image_stem=bool(small_stem),
-                cache={"auto": "auto", "on": True, "off": False}[FLAGS.cache])
+  values["cache"] = {"auto": "auto", "on": True, "off": False}[FLAGS.cache]
   # The shared flags' defaults are pretraining's (LARS, lr 0.3, 10 warmup
   # epochs); fine-tuning's own defaults apply unless a flag was given.
   for name in _HYPERRULE_FIXED:
     if not FLAGS[name].present:
       values[name] = getattr(FinetuneConfig, name)
+  values.update(overrides)
   try:
-    return FinetuneConfig(**values)
+    return config_class(**values)
   except ValueError as e:
     raise flags.ValidationError(str(e)) from None
 
@@ -598,16 +604,5 @@ def distill_config():
   small_stem = FLAGS.small_image_stem
   if small_stem is None:
     small_stem = FLAGS.image_size <= 32
-  fields = {f.name for f in dataclasses.fields(DistillConfig)}
-  values = {name: getattr(FLAGS, name) for name in fields}
-  if values["proj_head"] == "auto":
-    values["proj_head"] = FinetuneConfig.proj_head
-  values.update(mode="finetune", small_image_stem=bool(small_stem),
-                cache={"auto": "auto", "on": True, "off": False}[FLAGS.cache])
-  for name in _HYPERRULE_FIXED:
-    if not FLAGS[name].present:
-      values[name] = getattr(FinetuneConfig, name)
-  try:
-    return DistillConfig(**values)
-  except ValueError as e:
-    raise flags.ValidationError(str(e)) from None
+  return _config_from_flags(DistillConfig, mode="finetune",
+                            small_image_stem=bool(small_stem))
