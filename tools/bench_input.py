@@ -3,6 +3,7 @@ and against Keras 3's own preprocessing layers, and tf_ssl's multi-crop
 pipeline against its two-view one.
 
     .venv/bin/python tools/bench_input.py [--seconds 20] [--batch 64] [--rounds 2]
+        [--files_only]
 
 The reference is written the way the original SimCLR code builds views: one
 image per map call, full decode, sample_distorted_bounding_box crop, bicubic
@@ -25,18 +26,26 @@ distorted as SimCLR's) on the same data: 2x224 + 6x96 from the JPEGs
 image = eight views; its images/s is compared with tf_ssl's two-view
 pipeline.
 
+The from-files rows read the same kind of JPEGs from disk, as users' real
+pipelines do: a folder of .jpg files (FolderSource against the reference
+reading each file with tf.io.read_file) and one TFRecord file of them
+(TFRecordSource against the reference parsing each record), each with and
+without blur (p=0.5), colour strength 1.0, at 224 px.
+
 Each pipeline is measured for --seconds in total, taking turns with the
 others (fresh iterator each round), so load from other users of the machine
 hits all alike. The last line is `speedup_224=<x> speedup_32=<y>
 keras_layers_ratio_32=<z> keras_layers_ratio_224=<w>
-multicrop_vs_two_view_32=<u> multicrop_vs_two_view_224=<v>`: tf_ssl's
-images/s over the reference's, then over the Keras layers', then the
-multi-crop pipeline's images/s over the two-view one's.
+multicrop_vs_two_view_32=<u> multicrop_vs_two_view_224=<v>
+speedup_224_files=<f>`: tf_ssl's images/s over the reference's, then over
+the Keras layers', then the multi-crop pipeline's images/s over the
+two-view one's, then the smallest of the four from-files speedups.
 """
 
 import argparse
 import gc
 import os
+import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -44,7 +53,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # pylint: disable=g-import-not-at-top
 import tensorflow as tf
 
-from tf_ssl.data import augment, from_arrays, pipeline, sources
+from tf_ssl.data import augment, files, from_arrays, pipeline, sources
 
 
 def photo_like(rng, h=375, w=500):
@@ -148,6 +157,56 @@ def keras_dataset(ds, batch, size, s, blur, decode):
   return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
+def write_files(jpegs, folder):
+  """The JPEGs as a flat folder of .jpg files and as one TFRecord file (the
+  ImageNet layout TFRecordSource reads); returns the TFRecord's path."""
+  record_path = os.path.join(folder, "images.tfrecord")
+  os.makedirs(os.path.join(folder, "jpg"))
+  with tf.io.TFRecordWriter(record_path) as writer:
+    for i, data in enumerate(jpegs):
+      with open(os.path.join(folder, "jpg", f"{i:05d}.jpg"), "wb") as f:
+        f.write(data)
+      feature = {"image/encoded": tf.train.Feature(
+          bytes_list=tf.train.BytesList(value=[data]))}
+      writer.write(tf.train.Example(features=tf.train.Features(
+          feature=feature)).SerializeToString())
+  return record_path
+
+
+def reference_bytes(kind, folder, record_path):
+  """The encoded images as the reference reads them: one file per example
+  (tf.io.read_file) or one record per example (parse_single_example)."""
+  if kind == "folder":
+    paths = sorted(tf.io.gfile.glob(os.path.join(folder, "jpg", "*.jpg")))
+    return tf.data.Dataset.from_tensor_slices(paths).map(
+        tf.io.read_file, num_parallel_calls=tf.data.AUTOTUNE)
+  feature = {"image/encoded": tf.io.FixedLenFeature([], tf.string)}
+  return tf.data.TFRecordDataset(record_path).map(
+      lambda r: tf.io.parse_single_example(r, feature)["image/encoded"],
+      num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def compare_files(jpegs, batch, seconds, rounds):
+  """From-files speedups at 224 px: {(kind, blur): ours / reference}."""
+  out = {}
+  with tempfile.TemporaryDirectory() as folder:
+    record_path = write_files(jpegs, folder)
+    ours_sources = {"folder": files.FolderSource(os.path.join(folder, "jpg")),
+                    "tfrecord": files.TFRecordSource(record_path)}
+    for kind, source in ours_sources.items():
+      for blur in (False, True):
+        ref = reference_dataset(reference_bytes(kind, folder, record_path),
+                                batch, 224, 1.0, blur, True)
+        ours = pipeline.build_pretrain(source, batch, augment.SimCLRAugment(
+            224, 1.0, version=2, blur=blur), shuffle_buffer=1000, cache=False)
+        r, o = compare([ref, ours], batch, seconds, rounds)
+        out[kind, blur] = o / r
+        print(f"224px ({kind} files, blur {'on' if blur else 'off'}): reference "
+              f"{r:8.1f} img/s   tf_ssl {o:8.1f} img/s   ratio {o / r:.2f}",
+              flush=True)
+  return out
+
+
 def images_per_second(ds, batch, seconds):
   """Images/s of one fresh iterator over `ds` for `seconds` (after warm-up)."""
   it = iter(ds)
@@ -185,11 +244,18 @@ def main():
   parser.add_argument("--n_jpegs", type=int, default=64)
   parser.add_argument("--rounds", type=int, default=2,
                       help="alternations of reference and ours per size")
+  parser.add_argument("--files_only", action="store_true",
+                      help="only the from-files rows (224 px); the last line "
+                      "then has speedup_224_files alone")
   args = parser.parse_args()
   rng = np.random.default_rng(0)
   jpegs = [tf.io.encode_jpeg(photo_like(rng), quality=90).numpy()
            for _ in range(args.n_jpegs)]
   arrays = rng.integers(0, 256, (5000, 32, 32, 3), np.uint8)
+  if args.files_only:
+    from_files = compare_files(jpegs, args.batch, args.seconds, args.rounds)
+    print(f"speedup_224_files={min(from_files.values()):.2f}")
+    return
   speedup, keras_ratio, multicrop = {}, {}, {}
   for size, s, data in ((224, 1.0, "jpeg"), (32, 0.5, "arrays")):
     blur = size >= 96
@@ -214,11 +280,13 @@ def main():
           f"{o / k:.2f} (keras layers)", flush=True)
     print(f"{size}px ({data}): multi-crop 2x{size} + 6x{local} {m:8.1f} img/s   "
           f"two-view 2x{size} {o:8.1f} img/s   ratio {m / o:.2f}", flush=True)
+  from_files = compare_files(jpegs, args.batch, args.seconds, args.rounds)
   print(f"speedup_224={speedup[224]:.2f} speedup_32={speedup[32]:.2f} "
         f"keras_layers_ratio_32={keras_ratio[32]:.2f} "
         f"keras_layers_ratio_224={keras_ratio[224]:.2f} "
         f"multicrop_vs_two_view_32={multicrop[32]:.2f} "
-        f"multicrop_vs_two_view_224={multicrop[224]:.2f}")
+        f"multicrop_vs_two_view_224={multicrop[224]:.2f} "
+        f"speedup_224_files={min(from_files.values()):.2f}")
 
 
 if __name__ == "__main__":
