@@ -173,15 +173,15 @@ def write_files(jpegs, folder):
   return record_path
 
 
-def reference_bytes(kind, folder, record_path):
-  """The encoded images as the reference reads them: one file per example
-  (tf.io.read_file) or one record per example (parse_single_example)."""
-  if kind == "folder":
-    paths = sorted(tf.io.gfile.glob(os.path.join(folder, "jpg", "*.jpg")))
-    return tf.data.Dataset.from_tensor_slices(paths).map(
+def reference_bytes(source):
+  """The encoded images of tf_ssl's file `source` as the reference reads
+  them: one file per example (tf.io.read_file) or one record per example
+  (parse_single_example)."""
+  if isinstance(source, files.FolderSource):
+    return tf.data.Dataset.from_tensor_slices(source.paths).map(
         tf.io.read_file, num_parallel_calls=tf.data.AUTOTUNE)
   feature = {"image/encoded": tf.io.FixedLenFeature([], tf.string)}
-  return tf.data.TFRecordDataset(record_path).map(
+  return tf.data.TFRecordDataset(source.files).map(
       lambda r: tf.io.parse_single_example(r, feature)["image/encoded"],
       num_parallel_calls=tf.data.AUTOTUNE)
 
@@ -195,8 +195,8 @@ def compare_files(jpegs, batch, seconds, rounds):
                     "tfrecord": files.TFRecordSource(record_path)}
     for kind, source in ours_sources.items():
       for blur in (False, True):
-        ref = reference_dataset(reference_bytes(kind, folder, record_path),
-                                batch, 224, 1.0, blur, True)
+        ref = reference_dataset(reference_bytes(source), batch, 224, 1.0,
+                                blur, True)
         ours = pipeline.build_pretrain(source, batch, augment.SimCLRAugment(
             224, 1.0, version=2, blur=blur), shuffle_buffer=1000, cache=False)
         r, o = compare([ref, ours], batch, seconds, rounds)
