@@ -231,6 +231,8 @@ class KnnMonitor(keras.callbacks.Callback):
     self._last = step
     accuracy = float(self.evaluate_fn())
     self.history.append((step, accuracy))
+    logging.info("step %d: k-NN top-1 %.4f (periodic, fixed subsets)", step,
+                 accuracy)
     if logs is not None:
       logs["knn_top1"] = accuracy
     if self.writer is not None:
