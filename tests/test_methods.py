@@ -363,6 +363,10 @@ def test_a_flag_of_another_method_is_an_error(tmp_path):
     assert config.method_options == {"queue_size": 4096, "momentum": 0.99}
     assert config.temperature == 0.2 and config.model.proj_head == "mlp"
     FLAGS.unparse_flags()
+    FLAGS(base + ["--method=byol", "--byol_predictor_lr_multiplier=10"])
+    assert tf_ssl_flags.pretrain_config().method_options == {
+        "predictor_lr_multiplier": 10.0}
+    FLAGS.unparse_flags()
     FLAGS(base + ["--method=byol", "--temperature=0.1"])
     with pytest.raises(flags.ValidationError, match="--temperature=0.1 is an option of"):
       tf_ssl_flags.pretrain_config()
@@ -372,6 +376,26 @@ def test_a_flag_of_another_method_is_an_error(tmp_path):
       tf_ssl_flags.pretrain_config()
   finally:
     FLAGS.unparse_flags()
+
+
+def test_byol_predictor_learning_rate_multiplier_takes_the_predictor_only():
+  method = methods.create("byol", {"predictor_lr_multiplier": 10.0}, head=HEAD,
+                          total_steps=10, global_batch_size=GLOBAL_BATCH,
+                          steps_per_epoch=STEPS_PER_EPOCH, num_examples=NUM_EXAMPLES)
+  model = SSLModel(TinyBackbone(), method, num_classes=3, make_backbone=TinyBackbone)
+  model(tf.zeros((2, IMAGE, IMAGE, 3)))
+  optimizer = optim.LARS(0.5, lr_multipliers=method.learning_rate_multipliers())
+  optimizer.build(model.trainable_variables)
+  factors = {v.path: f for v, f in zip(model.trainable_variables, optimizer._lr_factor)}
+  predictor = {p for p in factors if "/predictor/" in p}
+  assert len(predictor) == 5  # two Dense, a BN's gamma and beta
+  assert all(factors[p] == 10.0 for p in predictor)
+  assert all(f == 1.0 for p, f in factors.items() if p not in predictor)
+  assert methods.create("byol", {}, head=HEAD, total_steps=10, global_batch_size=8,
+                        steps_per_epoch=2, num_examples=40).learning_rate_multipliers() == ()
+  with pytest.raises(ValueError, match="byol_predictor_lr_multiplier"):
+    methods.create("byol", {"predictor_lr_multiplier": 0.0}, head=HEAD, total_steps=10,
+                   global_batch_size=8, steps_per_epoch=2, num_examples=40)
 
 
 def test_heads_are_the_references():

@@ -63,6 +63,7 @@ flags.DEFINE_enum("supcon_contrast_mode", None, ["all", "one"], "SupCon anchors:
 flags.DEFINE_enum("supcon_summation", None, ["outside", "inside"], "SupCon L_out (default) or L_in.")
 flags.DEFINE_enum("supcon_denominator", None, ["all", "negatives"], "SupCon denominator (default all).")
 flags.DEFINE_float("byol_momentum", None, "BYOL target EMA momentum at step 0, cosine to 1 (default 0.996).")
+flags.DEFINE_float("byol_predictor_lr_multiplier", None, "BYOL: the predictor's learning rate over the rest's (default 1.0, the paper's; SimSiam and DirectPred found a faster predictor helps).")
 flags.DEFINE_integer("byol_pred_hidden_dim", None, "BYOL predictor hidden width (default 0: the projector's hidden width).")
 flags.DEFINE_float("moco_momentum", None, "MoCo key-encoder EMA momentum: constant for moco_v2 (default 0.999), from it to 1 by cosine for moco_v3 (default 0.99).")
 flags.DEFINE_integer("moco_queue_size", None, "moco_v2: keys in the queue, a multiple of --global_batch_size (default 65536).")
