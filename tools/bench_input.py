@@ -34,7 +34,12 @@ without blur (p=0.5), colour strength 1.0, at 224 px.
 
 Each pipeline is measured for --seconds in total, taking turns with the
 others (fresh iterator each round), so load from other users of the machine
-hits all alike. The last line is `speedup_224=<x> speedup_32=<y>
+hits all alike. Beside each from-files pair runs a decode-only pipeline
+(read, full JPEG decode, batch; no views): its images/s over the
+reference's is the most any pipeline that decodes each image once could
+reach, printed before the last line as
+`decode_only_vs_reference_224_files=<c>` (the smaller of the two no-blur
+cases). The last line is `speedup_224=<x> speedup_32=<y>
 keras_layers_ratio_32=<z> keras_layers_ratio_224=<w>
 multicrop_vs_two_view_32=<u> multicrop_vs_two_view_224=<v>
 speedup_224_files=<f>`: tf_ssl's images/s over the reference's, then over
@@ -186,9 +191,19 @@ def reference_bytes(source):
       num_parallel_calls=tf.data.AUTOTUNE)
 
 
+def decode_only_dataset(encoded, batch):
+  """Read and decode every image, nothing else: the ceiling of any pipeline
+  that decodes each image once (the same 375x500 JPEGs, so they batch)."""
+  ds = encoded.shuffle(1000).repeat().map(
+      lambda e: tf.io.decode_jpeg(e, channels=3),
+      num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
 def compare_files(jpegs, batch, seconds, rounds):
-  """From-files speedups at 224 px: {(kind, blur): ours / reference}."""
-  out = {}
+  """From-files speedups at 224 px: ({(kind, blur): ours / reference},
+  {(kind, blur): decode-only / reference})."""
+  out, ceiling = {}, {}
   with tempfile.TemporaryDirectory() as folder:
     record_path = write_files(jpegs, folder)
     ours_sources = {"folder": files.FolderSource(os.path.join(folder, "jpg")),
@@ -199,12 +214,13 @@ def compare_files(jpegs, batch, seconds, rounds):
                                 blur, True)
         ours = pipeline.build_pretrain(source, batch, augment.SimCLRAugment(
             224, 1.0, version=2, blur=blur), shuffle_buffer=1000, cache=False)
-        r, o = compare([ref, ours], batch, seconds, rounds)
-        out[kind, blur] = o / r
+        decode = decode_only_dataset(reference_bytes(source), batch)
+        r, o, d = compare([ref, ours, decode], batch, seconds, rounds)
+        out[kind, blur], ceiling[kind, blur] = o / r, d / r
         print(f"224px ({kind} files, blur {'on' if blur else 'off'}): reference "
-              f"{r:8.1f} img/s   tf_ssl {o:8.1f} img/s   ratio {o / r:.2f}",
-              flush=True)
-  return out
+              f"{r:8.1f} img/s   tf_ssl {o:8.1f} img/s   ratio {o / r:.2f}   "
+              f"decode only {d:8.1f} img/s   ratio {d / r:.2f}", flush=True)
+  return out, ceiling
 
 
 def images_per_second(ds, batch, seconds):
@@ -253,7 +269,10 @@ def main():
            for _ in range(args.n_jpegs)]
   arrays = rng.integers(0, 256, (5000, 32, 32, 3), np.uint8)
   if args.files_only:
-    from_files = compare_files(jpegs, args.batch, args.seconds, args.rounds)
+    from_files, ceiling = compare_files(jpegs, args.batch, args.seconds,
+                                        args.rounds)
+    print(f"decode_only_vs_reference_224_files="
+          f"{min(ceiling[k, False] for k in ('folder', 'tfrecord')):.2f}")
     print(f"speedup_224_files={min(from_files.values()):.2f}")
     return
   speedup, keras_ratio, multicrop = {}, {}, {}
@@ -280,7 +299,10 @@ def main():
           f"{o / k:.2f} (keras layers)", flush=True)
     print(f"{size}px ({data}): multi-crop 2x{size} + 6x{local} {m:8.1f} img/s   "
           f"two-view 2x{size} {o:8.1f} img/s   ratio {m / o:.2f}", flush=True)
-  from_files = compare_files(jpegs, args.batch, args.seconds, args.rounds)
+  from_files, ceiling = compare_files(jpegs, args.batch, args.seconds,
+                                      args.rounds)
+  print(f"decode_only_vs_reference_224_files="
+        f"{min(ceiling[k, False] for k in ('folder', 'tfrecord')):.2f}")
   print(f"speedup_224={speedup[224]:.2f} speedup_32={speedup[32]:.2f} "
         f"keras_layers_ratio_32={keras_ratio[32]:.2f} "
         f"keras_layers_ratio_224={keras_ratio[224]:.2f} "
