@@ -3,7 +3,7 @@ and against Keras 3's own preprocessing layers, and tf_ssl's multi-crop
 pipeline against its two-view one.
 
     .venv/bin/python tools/bench_input.py [--seconds 20] [--batch 64] [--rounds 2]
-        [--files_only]
+        [--files_only] [--breakdown]
 
 The reference is written the way the original SimCLR code builds views: one
 image per map call, full decode, sample_distorted_bounding_box crop, bicubic
@@ -31,6 +31,12 @@ pipelines do: a folder of .jpg files (FolderSource against the reference
 reading each file with tf.io.read_file) and one TFRecord file of them
 (TFRecordSource against the reference parsing each record), each with and
 without blur (p=0.5), colour strength 1.0, at 224 px.
+
+--breakdown prints instead where the CPU time of the 224 px from-files
+path goes: CPU milliseconds per image (process time, which another
+process's load inflates less than wall time) of reading and decoding
+alone, tf_ssl's per-image stage alone (decode of the crops' union, box
+sampling, resizes), all of tf_ssl and the reference, without blur.
 
 Each pipeline is measured for --seconds in total, taking turns with the
 others (fresh iterator each round), so load from other users of the machine
@@ -223,21 +229,58 @@ def compare_files(jpegs, batch, seconds, rounds):
   return out, ceiling
 
 
+def breakdown(jpegs, batch, seconds):
+  """CPU milliseconds per image (process time over images made, so another
+  process's load inflates it less than wall time) of the 224 px stages from
+  a folder of JPEGs, no blur: read and decode only; tf_ssl's per-image
+  stage alone (crop_views: decode of the boxes' union, boxes, resizes);
+  all of tf_ssl (plus the batched flip, jitter, grayscale); the reference.
+  Pipelines take turns as in compare()."""
+  aug = augment.SimCLRAugment(224, 1.0, version=2, blur=False)
+  seed = tf.constant([1, 2], tf.int64)
+  with tempfile.TemporaryDirectory() as folder:
+    write_files(jpegs, folder)
+    source = files.FolderSource(os.path.join(folder, "jpg"))
+
+    def crops_only():
+      ds = reference_bytes(source).shuffle(1000).repeat().map(
+          lambda e: aug.crop_views({"encoded": e}, seed),
+          num_parallel_calls=tf.data.AUTOTUNE)
+      return ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    stages = {
+        "read + decode only": decode_only_dataset(reference_bytes(source), batch),
+        "tf_ssl per-image stage": crops_only(),
+        "tf_ssl": pipeline.build_pretrain(source, batch, aug,
+                                          shuffle_buffer=1000, cache=False),
+        "reference": reference_dataset(reference_bytes(source), batch, 224,
+                                       1.0, False, True)}
+    cpu = {name: [0., 0] for name in stages}
+    for _ in range(2):
+      for name, ds in stages.items():
+        n, _, t = images_per_second(ds, batch, seconds / 2)
+        cpu[name][0] += t
+        cpu[name][1] += n
+  for name, (t, n) in cpu.items():
+    print(f"224px folder, blur off, {name:24s} {1e3 * t / n:6.2f} CPU ms/image",
+          flush=True)
+
+
 def images_per_second(ds, batch, seconds):
-  """Images/s of one fresh iterator over `ds` for `seconds` (after warm-up)."""
+  """(images, seconds, CPU seconds) of one fresh iterator over `ds` for
+  `seconds` (after warm-up)."""
   it = iter(ds)
   for _ in range(3):  # warm up: tracing, XLA compiles, buffers
     next(it)
-  n, start = 0, time.perf_counter()
+  n, start, cpu = 0, time.perf_counter(), time.process_time()
   while time.perf_counter() - start < seconds:
     b = next(it)
     n += batch
   views = b["views"] if isinstance(b, dict) else b  # a dict when multi-crop
   float(sum(tf.reduce_sum(v) for v in tf.nest.flatten(views)))
-  elapsed = time.perf_counter() - start
+  elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
   del it  # stop its background threads before the next measurement
   gc.collect()
-  return n, elapsed
+  return n, elapsed, cpu
 
 
 def compare(pipelines, batch, seconds, rounds):
@@ -247,7 +290,7 @@ def compare(pipelines, batch, seconds, rounds):
   totals = [[0, 0.] for _ in pipelines]
   for _ in range(rounds):
     for total, ds in zip(totals, pipelines):
-      n, t = images_per_second(ds, batch, seconds / rounds)
+      n, t, _ = images_per_second(ds, batch, seconds / rounds)
       total[0] += n
       total[1] += t
   return [n / t for n, t in totals]
@@ -263,11 +306,17 @@ def main():
   parser.add_argument("--files_only", action="store_true",
                       help="only the from-files rows (224 px); the last line "
                       "then has speedup_224_files alone")
+  parser.add_argument("--breakdown", action="store_true",
+                      help="only the CPU time per image of the 224 px "
+                      "stages from files (no ratio line)")
   args = parser.parse_args()
   rng = np.random.default_rng(0)
   jpegs = [tf.io.encode_jpeg(photo_like(rng), quality=90).numpy()
            for _ in range(args.n_jpegs)]
   arrays = rng.integers(0, 256, (5000, 32, 32, 3), np.uint8)
+  if args.breakdown:
+    breakdown(jpegs, args.batch, args.seconds)
+    return
   if args.files_only:
     from_files, ceiling = compare_files(jpegs, args.batch, args.seconds,
                                         args.rounds)
