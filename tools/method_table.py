@@ -222,8 +222,8 @@ def collect_one(out, method):
   per_step = seconds / steps / 60 if steps else 0.0
   row.update(status="finished", knn_top1=results["knn_top1"],
              linear_top1=results["linear_top1"], train_steps=steps,
-             train_minutes=round(seconds / 60, 2),
-             wall_minutes=round(results["wall_seconds"] / 60, 2),
+             train_minutes=seconds / 60,
+             wall_minutes=results["wall_seconds"] / 60,
              curve=[[round(s * per_step, 3), a] for s, a in knn])
   for prefix, _ in FLOORS:
     if f"{prefix}_knn_top1" in results:
