@@ -379,9 +379,10 @@ def test_a_flag_of_another_method_is_an_error(tmp_path):
 
 
 def test_byol_predictor_learning_rate_multiplier_takes_the_predictor_only():
-  method = methods.create("byol", {"predictor_lr_multiplier": 10.0}, head=HEAD,
-                          total_steps=10, global_batch_size=GLOBAL_BATCH,
-                          steps_per_epoch=STEPS_PER_EPOCH, num_examples=NUM_EXAMPLES)
+  byol = lambda options: methods.create(
+      "byol", options, head=HEAD, total_steps=10, global_batch_size=GLOBAL_BATCH,
+      steps_per_epoch=STEPS_PER_EPOCH, num_examples=NUM_EXAMPLES)
+  method = byol({"predictor_lr_multiplier": 10.0})
   model = SSLModel(TinyBackbone(), method, num_classes=3, make_backbone=TinyBackbone)
   model(tf.zeros((2, IMAGE, IMAGE, 3)))
   optimizer = optim.LARS(0.5, lr_multipliers=method.learning_rate_multipliers())
@@ -391,11 +392,9 @@ def test_byol_predictor_learning_rate_multiplier_takes_the_predictor_only():
   assert len(predictor) == 5  # two Dense, a BN's gamma and beta
   assert all(factors[p] == 10.0 for p in predictor)
   assert all(f == 1.0 for p, f in factors.items() if p not in predictor)
-  assert methods.create("byol", {}, head=HEAD, total_steps=10, global_batch_size=8,
-                        steps_per_epoch=2, num_examples=40).learning_rate_multipliers() == ()
+  assert byol({}).learning_rate_multipliers() == ()
   with pytest.raises(ValueError, match="byol_predictor_lr_multiplier"):
-    methods.create("byol", {"predictor_lr_multiplier": 0.0}, head=HEAD, total_steps=10,
-                   global_batch_size=8, steps_per_epoch=2, num_examples=40)
+    byol({"predictor_lr_multiplier": 0.0})
 
 
 def test_heads_are_the_references():
