@@ -171,7 +171,8 @@ def test_methods_mode_end_to_end(monkeypatch, capsys):
     assert len(runs) == 1 and len(runs[0]["times"]) == 2
     assert runs[0]["loss"] > 0
   assert results[("byol", True)][0]["options"] == {
-      "momentum": 0.996, "pred_hidden_dim": 512}
+      "momentum": 0.996, "pred_hidden_dim": 512,
+      "predictor_lr_multiplier": 1.0}
   # The hooks write the target; without them it keeps its initial weights.
   assert results[("byol", True)][0]["target_change"] > 0
   assert results[("byol", False)][0]["target_change"] == 0
