@@ -104,6 +104,10 @@ def test_collect_converts_steps_to_training_minutes(tmp_path):
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   with open(os.path.join(out, "method_table.json")) as f:
     assert json.load(f) == json.loads(json.dumps(report))
+  # A rebuild keeps the command that trained and the loads it recorded.
+  rebuilt = mt.collect(out, mt.select("simclr"), None, {})
+  assert rebuilt["command"] == "cmd"
+  assert rebuilt["machine"]["load_at_start"] == {"simclr": "1.00"}
 
 
 def test_collect_only_and_bad_flags(tmp_path, capsys):

@@ -251,12 +251,15 @@ def collect(out, methods, command_line=None, loads=None):
   previous = {}
   path = os.path.join(out, "method_table.json")
   if os.path.exists(path):
-    previous = _read_json(path).get("machine", {}).get("load_at_start", {})
+    previous = _read_json(path)
   report = {
-      "command": command_line,
+      # A rebuild (command_line None) keeps the command that trained.
+      "command": command_line or previous.get("command"),
       "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(),
                   "platform": platform.platform(),
-                  "load_at_start": {**previous, **(loads or {})}},
+                  "load_at_start": {
+                      **previous.get("machine", {}).get("load_at_start", {}),
+                      **(loads or {})}},
       "methods": [collect_one(out, m) for m in methods],
       "floors": _floors(out, methods),
   }
@@ -297,14 +300,18 @@ def table(report):
 def plot(report, path):
   """k-NN top-1 (%) against training minutes, one line per finished method."""
   from tf_ssl import plots  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for row in report["methods"]:
-    if row["status"] != "finished":
-      continue
+  fig, ax = plt.subplots(figsize=(8.5, 4.5))
+  finished = [r for r in report["methods"] if r["status"] == "finished"]
+  # tab20 has a colour per method for up to 20 (the default cycle repeats
+  # after 10); the curve's own points are marked, so a one-point curve shows.
+  colours = plt.get_cmap("tab20").colors
+  for i, row in enumerate(finished):
+    colour = colours[(2 * i) % 20 + (2 * i) // 20]
     curve = row["curve"]
-    (line,) = ax.plot([m for m, _ in curve], [100 * a for _, a in curve], "-",
-                      label=f"{row['method']} ({100 * row['knn_top1']:.1f})")
-    ax.plot([row["train_minutes"]], [100 * row["knn_top1"]], "o", color=line.get_color())
+    ax.plot([m for m, _ in curve], [100 * a for _, a in curve], "-",
+            marker=".", color=colour,
+            label=f"{row['method']} ({100 * row['knn_top1']:.1f})")
+    ax.plot([row["train_minutes"]], [100 * row["knn_top1"]], "o", color=colour)
   for (prefix, label), style in zip(FLOORS, ("--", ":")):
     floor = report["floors"].get(prefix)
     if floor:
@@ -315,7 +322,7 @@ def plot(report, path):
   ax.set_title("Fashion-MNIST, equal budget: lines = periodic k-NN (5,000), "
                "dots = final (all)", fontsize=9)
   ax.grid(True, alpha=0.3)
-  ax.legend(fontsize=7, loc="lower right")
+  ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
   fig.tight_layout()
   plots.save_png(fig, path)
   plt.close(fig)
@@ -370,8 +377,9 @@ def main(argv=None):
   if not args.collect_only:
     loads = run_all(methods, args.out, args.train_epochs, args.mixed_precision,
                     args.floors)
-  report = collect(args.out, methods, " ".join([os.path.basename(sys.executable)]
-                                               + sys.argv), loads)
+  command = None if args.collect_only else " ".join(
+      [os.path.basename(sys.executable)] + sys.argv)
+  report = collect(args.out, methods, command, loads)
   write(report, args.out)
   print(table(report))
   return 0
