@@ -302,11 +302,13 @@ def plot(report, path):
   from tf_ssl import plots  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(8.5, 4.5))
   finished = [r for r in report["methods"] if r["status"] == "finished"]
-  # tab20 has a colour per method for up to 20 (the default cycle repeats
-  # after 10); the curve's own points are marked, so a one-point curve shows.
-  colours = plt.get_cmap("tab20").colors
+  # tab20's ten dark shades, then its ten light ones: a colour per method
+  # for up to 20 (the default cycle repeats after 10). The curve's own
+  # points are marked, so a one-point curve shows.
+  tab20 = plt.get_cmap("tab20").colors
+  colours = tab20[0::2] + tab20[1::2]
   for i, row in enumerate(finished):
-    colour = colours[(2 * i) % 20 + (2 * i) // 20]
+    colour = colours[i % len(colours)]
     curve = row["curve"]
     ax.plot([m for m, _ in curve], [100 * a for _, a in curve], "-",
             marker=".", color=colour,
